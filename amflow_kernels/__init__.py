@@ -1,0 +1,14 @@
+"""amflow_kernels: fused kernels for AM flow, the attention-map motion signal of video ViTs.
+
+    import amflow_kernels
+    flow = amflow_kernels.am_flow(q, k)            # (B, T, H, N, D) → (B, T−1, H, N)
+
+``python -m amflow_kernels`` reports versions and backends and checks them on this machine.
+"""
+
+from ._dispatch import available_backends
+from .ops.am_flow import am_flow
+from .ops.attention_colsum import attention_colsum
+
+__version__ = "0.1.0"
+__all__ = ["am_flow", "attention_colsum", "available_backends", "__version__"]

@@ -1,0 +1,130 @@
+"""Backend choice: what each backend supports, and why one cannot run.
+
+Each backend answers ``unavailable(device)`` (why it cannot run on a device at all, or None)
+and ``not_supported_reasons(q)`` (why it cannot take these inputs). ``select`` resolves a
+``backend=`` argument; a forced backend that cannot run raises with its reasons, and
+``"auto"`` takes the first fused backend for the device that accepts the inputs. ``auto``
+uses the reference only where no fused backend exists for the device; where one exists but
+rejects the inputs it raises rather than silently running the slow formulas.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+try:
+    import triton  # noqa: F401
+
+    _TRITON_ERROR = None
+except ImportError as error:  # pragma: no cover - depends on the installation
+    _TRITON_ERROR = f"triton is not importable ({error})"
+
+
+class Backend:
+    name = ""
+    fused = True
+    dtypes: tuple[torch.dtype, ...] = ()
+    max_head_dim: int | None = None
+
+    def unavailable(self, device: torch.device) -> str | None:
+        return None
+
+    def not_supported_reasons(self, q: torch.Tensor) -> list[str]:
+        reasons = []
+        if (why := self.unavailable(q.device)) is not None:
+            reasons.append(why)
+        if q.dtype not in self.dtypes:
+            accepted = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            reasons.append(f"dtype {q.dtype} is not supported (accepted: {accepted})")
+        if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
+            reasons.append(f"head dim {q.shape[-1]} exceeds its maximum {self.max_head_dim}")
+        return reasons
+
+
+class ReferenceBackend(Backend):
+    """The literal PyTorch formulas (amflow_kernels.reference): any device, any float dtype."""
+
+    name = "reference"
+    fused = False
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class TritonBackend(Backend):
+    """Fused Triton kernels (amflow_kernels.ops.colsum_triton)."""
+
+    name = "triton"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    max_head_dim = 256
+
+    def unavailable(self, device: torch.device) -> str | None:
+        if _TRITON_ERROR is not None:
+            return _TRITON_ERROR
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "CUDA is not available"
+        if device.type == "cpu":
+            if _INTERPRET:
+                return None
+            return (
+                "Triton runs CPU tensors only through its interpreter "
+                "(set TRITON_INTERPRET=1 before importing amflow_kernels)"
+            )
+        return f"Triton kernels run on CUDA devices, not {device.type}"
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), TritonBackend())}
+# Fused backends in order of preference, per device type.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton",), "cpu": ("triton",)}
+ACCEPTED = ("auto", *BACKENDS)
+
+
+def _describe(q: torch.Tensor) -> str:
+    return f"q of shape {tuple(q.shape)}, dtype {q.dtype}, device {q.device}"
+
+
+def select(op: str, backend: str, q: torch.Tensor) -> str:
+    """The backend that runs ``op`` on ``q``, or an error that says why none can."""
+    if backend not in ACCEPTED:
+        raise ValueError(f"{op}: backend must be one of {ACCEPTED}, got {backend!r}")
+    if backend != "auto":
+        reasons = BACKENDS[backend].not_supported_reasons(q)
+        if reasons:
+            raise RuntimeError(
+                f"{op}: backend {backend!r} cannot run {_describe(q)}: " + "; ".join(reasons)
+            )
+        return backend
+    fused = [
+        BACKENDS[name]
+        for name in AUTO_ORDER.get(q.device.type, ())
+        if BACKENDS[name].unavailable(q.device) is None
+    ]
+    if not fused:
+        return "reference"
+    for candidate in fused:
+        if not candidate.not_supported_reasons(q):
+            return candidate.name
+    details = "; ".join(f"{b.name}: " + ", ".join(b.not_supported_reasons(q)) for b in fused)
+    raise ValueError(
+        f"{op}: no fused backend on {q.device.type} accepts {_describe(q)} ({details}); "
+        "pass backend='reference' to run the unfused formulas"
+    )
+
+
+def _as_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def backend_report(device=None) -> dict[str, str | None]:
+    """Every backend's name → None if it can run on ``device``, else why it cannot."""
+    device = _as_device(device)
+    return {name: b.unavailable(device) for name, b in BACKENDS.items()}
+
+
+def available_backends(device=None) -> list[str]:
+    """Names of the backends that can run on ``device`` (default: CUDA if present, else CPU)."""
+    return [name for name, why in backend_report(device).items() if why is None]

@@ -1,0 +1,102 @@
+"""The one place where the public ops check their inputs.
+
+Every message reads "<op>: <argument> must …, got …", naming the value received and what
+is accepted. Backend-specific limits (dtypes, head dims, devices) are the dispatcher's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reference import as_frames
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_pair(op: str, q, k) -> None:
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: q.dtype must be one of float16, bfloat16, float32, float64, got {q.dtype}"
+        )
+    if k.dtype != q.dtype:
+        raise TypeError(f"{op}: k.dtype must equal q.dtype ({q.dtype}), got {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"{op}: k.device must equal q.device ({q.device}), got {k.device}")
+    if k.shape != q.shape:
+        raise ValueError(
+            f"{op}: k.shape must equal q.shape {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+
+
+def _check_tokens(op: str, q: torch.Tensor) -> None:
+    n, d = q.shape[-2:]
+    if n < 1 or d < 1:
+        raise ValueError(
+            f"{op}: q must have at least one token and one channel (N ≥ 1, D ≥ 1), "
+            f"got shape {tuple(q.shape)}"
+        )
+
+
+def check_scale(op: str, scale, head_dim: int) -> float:
+    """The softmax scale as a finite float; ``None`` means head_dim ** -0.5."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def check_am_flow(q, k, num_frames, offset, scale) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Validate ``am_flow``'s inputs; return (B, T, H, N, D) views of q, k and the scale."""
+    op = "am_flow"
+    _check_pair(op, q, k)
+    if num_frames is None:
+        if q.dim() != 5:
+            raise ValueError(
+                f"{op}: q must have shape (B, T, H, N, D), or (B·T, H, N, D) with num_frames=T; "
+                f"got {q.dim()} dims, shape {tuple(q.shape)}"
+            )
+    else:
+        if not _is_int(num_frames) or num_frames < 1:
+            raise ValueError(f"{op}: num_frames must be an int ≥ 1 or None, got {num_frames!r}")
+        if q.dim() != 4:
+            raise ValueError(
+                f"{op}: with num_frames, q must have shape (B·T, H, N, D); "
+                f"got {q.dim()} dims, shape {tuple(q.shape)}"
+            )
+        if q.shape[0] % num_frames:
+            raise ValueError(
+                f"{op}: q.shape[0] (B·T) must be divisible by num_frames, "
+                f"got {q.shape[0]} and num_frames={num_frames}"
+            )
+        q, k = as_frames(q, num_frames), as_frames(k, num_frames)
+    _check_tokens(op, q)
+    if not _is_int(offset) or offset < 1:
+        raise ValueError(f"{op}: offset must be an int ≥ 1, got {offset!r}")
+    frames = q.shape[1]
+    if frames <= offset:
+        raise ValueError(
+            f"{op}: the number of frames T must exceed offset (T > {offset}), got T={frames}"
+        )
+    return q, k, check_scale(op, scale, q.shape[-1])
+
+
+def check_attention_colsum(q, k, scale) -> float:
+    """Validate ``attention_colsum``'s inputs; return the scale."""
+    op = "attention_colsum"
+    _check_pair(op, q, k)
+    if q.dim() < 2:
+        raise ValueError(
+            f"{op}: q must have shape (..., N, D) with at least 2 dims, got shape {tuple(q.shape)}"
+        )
+    _check_tokens(op, q)
+    return check_scale(op, scale, q.shape[-1])

@@ -1,0 +1,1 @@
+"""One module per op: the public function, its torch.library registration, its kernels."""

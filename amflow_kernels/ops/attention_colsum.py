@@ -1,0 +1,94 @@
+"""Column sums of ordinary attention, the aligning encoder's input (eq. 4):
+
+    colsum[..., j] = Σ_i softmax_j(S)[i, j],   S = scale · Q Kᵀ.
+
+The public function validates, dispatches and maps any leading dims onto the kernels'
+(B, T, H, N, D) layout (a view unless the leading dims cannot be merged); the Triton op is
+registered here, the kernels live in :mod:`amflow_kernels.ops.colsum_triton`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._dispatch import select
+from .._validate import check_attention_colsum
+from . import colsum_triton
+
+
+def _as_frames(x: torch.Tensor) -> torch.Tensor:
+    """(..., N, D) → (A, 1, L, N, D): the last leading dim as heads, the others merged."""
+    x = x.reshape(-1, *x.shape[-3:]) if x.dim() >= 3 else x.unsqueeze(0)
+    return x.unsqueeze(1)
+
+
+@torch.library.custom_op("amflow::attention_colsum_fwd_triton", mutates_args=())
+def attention_colsum_fwd_triton(
+    q: torch.Tensor, k: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colsum, lse) for (..., N, D) q, k; lse is fp32 (log2 domain), saved for backward."""
+    out, lse = colsum_triton.colsum_fwd(
+        _as_frames(q), _as_frames(k), offset=0, paired=False, scale=scale
+    )
+    return out.view(q.shape[:-1]), lse.view(q.shape[:-1])
+
+
+@attention_colsum_fwd_triton.register_fake
+def _(q, k, scale):
+    return q.new_empty(q.shape[:-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("amflow::attention_colsum_bwd_triton", mutates_args=())
+def attention_colsum_bwd_triton(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dq, dk) of :func:`attention_colsum_fwd_triton`, contiguous, shaped like q."""
+    frames = _as_frames(q)
+    dq, dk = colsum_triton.colsum_bwd(
+        grad.reshape(frames.shape[:-1]), frames, _as_frames(k), lse.view(frames.shape[:-1]),
+        offset=0, paired=False, scale=scale,
+    )
+    return dq.view(q.shape), dk.view(k.shape)
+
+
+@attention_colsum_bwd_triton.register_fake
+def _(grad, q, k, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, scale = inputs
+    ctx.save_for_backward(q, k, output[1])
+    ctx.scale = scale
+
+
+def _backward(ctx, grad, _grad_lse):
+    if not any(ctx.needs_input_grad[:2]):
+        return None, None, None
+    q, k, lse = ctx.saved_tensors
+    dq, dk = attention_colsum_bwd_triton(grad, q, k, lse, ctx.scale)
+    return dq, dk, None
+
+
+attention_colsum_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_colsum(
+    q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Column sums of the row-softmaxed attention map ``softmax(scale · Q Kᵀ)ᵀ · 1``.
+
+    Args:
+        q, k: ``[..., N, D]`` with any leading dims and strides.
+        scale: score scale, default ``D ** -0.5``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``available_backends``).
+
+    Returns:
+        ``[..., N]`` in q's dtype; each row sums to N. Differentiable in q and k; fused
+        backends never allocate the N×N map.
+    """
+    scale = check_attention_colsum(q, k, scale)
+    if select("attention_colsum", backend, q) == "reference":
+        return reference.attention_colsum(q, k, scale=scale)
+    return attention_colsum_fwd_triton(q, k, scale)[0]

@@ -1,0 +1,580 @@
+"""Fused Triton kernels for column sums of row softmaxes: AM flow and attention colsum.
+
+Both ops are one computation. For a (clip, head) and an output index p, let
+
+    z = scale · (S_p − S_{p+Δ})    and  x = |z|     (PAIRED: AM flow, p = 0 … T−1−Δ)
+    z = scale · S_p                and  x = z       (not PAIRED: attention colsum, p = frame)
+
+with S_t = Q_t K_tᵀ. The op returns out[p, j] = Σ_i softmax_j(x)[i, j]. The kernels work in
+the log2 domain (x₂ = x·log2 e, exp2 instead of exp) and save lse[p, i] = log2 Σ_j 2^{x₂[i, j]}
+in fp32: the only state kept between the forward and the backward (O(B·T·H·N)). No N×N tile
+ever leaves the chip.
+
+Backward, with P = softmax_j(x), g = ∂L/∂out and c_i = Σ_j P_ij g_j:
+
+    ∂L/∂z_ij = sign(z_ij)^[PAIRED] · P_ij · (g_j − c_i)                        (natural units)
+
+A frame t belongs to pair t (as first frame, S_t enters with +) and to pair t−Δ (as second
+frame, with −), so its score gradient is E_t = ∂L/∂z^(t) − ∂L/∂z^(t−Δ) (a missing pair is 0)
+and, as in a FlashAttention backward, dQ_t = scale · E_t K_t and dK_t = scale · E_tᵀ Q_t. The
+score tiles of frames t−Δ, t, t+Δ are recomputed, S_t once for both pairs.
+
+Kernels (every program owns disjoint outputs, so nothing uses atomics and every result is
+bitwise reproducible):
+- ``colsum_fwd_resident_kernel``: a program owns one (b, p, h) and loops over row blocks
+  with whole rows on chip (N ≤ 512): one exp per score, exact row softmax, no second pass.
+- ``colsum_fwd_lse_kernel`` then ``colsum_fwd_cols_kernel``: any N. Row statistics with an
+  online max, then a program per column block sums P over row blocks.
+- ``colsum_bwd_rowdot_kernel`` (c), ``colsum_bwd_dq_kernel`` and ``colsum_bwd_dk_kernel``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+MAX_HEAD_DIM = 256
+# The resident forward keeps BLOCK_N (all columns) × BLOCK_D of two frames' keys in shared
+# memory and two BLOCK_M × BLOCK_N fp32 score tiles in registers.
+RESIDENT_MAX_BLOCK_N = 512
+RESIDENT_MAX_KEY_TILE = 512 * 64
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(block_pairs, warps, stages):
+    """Autotune candidates; one fixed config under the interpreter, where timing means nothing."""
+    if _INTERPRET:
+        block_pairs, warps, stages = block_pairs[:1], warps[:1], stages[:1]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in block_pairs
+        for w in warps
+        for s in stages
+    ]
+
+
+def _fit_head_dim(configs, named_args, **kwargs):
+    """Drop tiles whose q and k blocks would overflow shared memory at large head dims."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    limit = 64 * 128 if block_d > 128 else 128 * 128
+    kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= limit]
+    return kept or configs[-1:]
+
+
+def _blocked_autotune():
+    """The autotune arguments shared by the blocked (any-N) kernels."""
+    return dict(
+        configs=_configs([(64, 64), (128, 64), (64, 128), (32, 64), (32, 32)], [4, 8], [2, 3]),
+        key=["N", "BLOCK_D", "PAIRED"],
+        prune_configs_by={"early_config_prune": _fit_head_dim},
+    )
+
+
+def _resident_configs():
+    return [
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
+        for bm in ((16,) if _INTERPRET else (16, 32, 64))
+        for w in ((4,) if _INTERPRET else (4, 8))
+    ]
+
+
+def _fit_resident(configs, named_args, **kwargs):
+    """Keep the two fp32 BLOCK_M × BLOCK_N score tiles within the register file."""
+    block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_n <= 16384]
+    return kept or configs[:1]
+
+
+# --------------------------------------------------------------------------------------
+# Tile helpers
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(base, idx, idx_mask, stride_n, dims, dim_mask, stride_d):
+    """Rows ``idx`` of one (N, D) slice read through its strides; zeros past N and D."""
+    ptrs = base + idx.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d
+    return tl.load(ptrs, mask=idx_mask[:, None] & dim_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _logits(z, col_mask, PAIRED: tl.constexpr):
+    """x₂ = |z| (PAIRED) or z, set to −inf on columns past N."""
+    if PAIRED:
+        z = tl.abs(z)
+    return tl.where(col_mask[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _dscores(z, lse, c, g, row_mask, col_mask, PAIRED: tl.constexpr):
+    """∂L/∂z (natural units) of one tile: sign(z)·P·(g_j − c_i), zero outside N × N."""
+    prob = tl.exp2(_logits(z, col_mask, PAIRED) - lse[:, None])
+    ds = prob * (g[None, :] - c[:, None])
+    if PAIRED:
+        ds = tl.where(z > 0, ds, tl.where(z < 0, -ds, 0.0))
+    return tl.where(row_mask[:, None] & col_mask[None, :], ds, 0.0)
+
+
+# --------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=_resident_configs(),
+    key=["N", "BLOCK_N", "BLOCK_D", "PAIRED"],
+    prune_configs_by={"early_config_prune": _fit_resident},
+)
+@triton.jit(do_not_specialize=["N", "offset"])
+def colsum_fwd_resident_kernel(
+    Q, K, OUT, LSE,
+    stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
+    H, P, N, D, offset, qk_scale,
+    PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, p, h, :] = Σ_i softmax_j(x)[i, :] for one (b, p, h), all N columns on chip.
+
+    Grid: (B·P·H,). Each row block's scores z = qk_scale·(Q_p K_pᵀ − Q_{p+Δ} K_{p+Δ}ᵀ)
+    (or qk_scale·Q_p K_pᵀ) span every column, so the row softmax is exact in one pass;
+    its column sums accumulate in registers across row blocks.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    p = (pid // H) % P
+    b = pid // (H * P)
+    q_a = Q + b * stride_qb + p * stride_qt + h * stride_qh
+    k_a = K + b * stride_kb + p * stride_kt + h * stride_kh
+    q_b = q_a + offset * stride_qt
+    k_b = k_a + offset * stride_kt
+
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < N
+        q = _load_tile(q_a, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+        k = _load_tile(k_a, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if PAIRED:
+            q = _load_tile(q_b, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+            k = _load_tile(k_b, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+            s -= tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        x = _logits(s * qk_scale, col_mask, PAIRED)
+        row_max = tl.max(x, 1)
+        e = tl.exp2(x - row_max[:, None])
+        row_sum = tl.sum(e, 1)
+        prob = e * (1.0 / row_sum)[:, None]
+        colsum += tl.sum(tl.where(row_mask[:, None], prob, 0.0), 0)
+        tl.store(LSE + pid * N + rows, row_max + tl.log2(row_sum), mask=row_mask)
+    tl.store(OUT + pid * N + cols, colsum.to(OUT.dtype.element_ty), mask=col_mask)
+
+
+@triton.autotune(**_blocked_autotune())
+@triton.jit(do_not_specialize=["N", "offset"])
+def colsum_fwd_lse_kernel(
+    Q, K, LSE,
+    stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
+    H, P, N, D, offset, qk_scale,
+    PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """lse[b, p, h, i] = log2 Σ_j 2^{x₂[i, j]} for a row block, online over column blocks.
+
+    Grid: (B·P·H, ⌈N / BLOCK_M⌉). Running max m and sum l: l ← l·2^{m−m'} + Σ_j 2^{x₂−m'}.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    p = (pid // H) % P
+    b = pid // (H * P)
+    q_a = Q + b * stride_qb + p * stride_qt + h * stride_qh
+    k_a = K + b * stride_kb + p * stride_kt + h * stride_kh
+    q_b = q_a + offset * stride_qt
+    k_b = k_a + offset * stride_kt
+
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    qa = _load_tile(q_a, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+    qb = qa
+    if PAIRED:
+        qb = _load_tile(q_b, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        k = _load_tile(k_a, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+        s = tl.dot(qa, tl.trans(k), input_precision=PRECISION)
+        if PAIRED:
+            k = _load_tile(k_b, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+            s -= tl.dot(qb, tl.trans(k), input_precision=PRECISION)
+        x = _logits(s * qk_scale, col_mask, PAIRED)
+        new_max = tl.maximum(row_max, tl.max(x, 1))
+        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(x - new_max[:, None]), 1)
+        row_max = new_max
+    tl.store(LSE + pid * N + rows, row_max + tl.log2(row_sum), mask=row_mask)
+
+
+@triton.autotune(**_blocked_autotune())
+@triton.jit(do_not_specialize=["N", "offset"])
+def colsum_fwd_cols_kernel(
+    Q, K, LSE, OUT,
+    stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
+    H, P, N, D, offset, qk_scale,
+    PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, p, h, j] = Σ_i 2^{x₂[i, j] − lse[i]} for a column block, over row blocks.
+
+    Grid: (B·P·H, ⌈N / BLOCK_N⌉). The program owns its columns: a deterministic reduction.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    p = (pid // H) % P
+    b = pid // (H * P)
+    q_a = Q + b * stride_qb + p * stride_qt + h * stride_qh
+    k_a = K + b * stride_kb + p * stride_kt + h * stride_kh
+    q_b = q_a + offset * stride_qt
+    k_b = k_a + offset * stride_kt
+
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    ka = _load_tile(k_a, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+    kb = ka
+    if PAIRED:
+        kb = _load_tile(k_b, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+    colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < N
+        q = _load_tile(q_a, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+        s = tl.dot(q, tl.trans(ka), input_precision=PRECISION)
+        if PAIRED:
+            q = _load_tile(q_b, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+            s -= tl.dot(q, tl.trans(kb), input_precision=PRECISION)
+        x = _logits(s * qk_scale, col_mask, PAIRED)
+        lse = tl.load(LSE + pid * N + rows, mask=row_mask, other=0.0)
+        prob = tl.exp2(x - lse[:, None])
+        colsum += tl.sum(tl.where(row_mask[:, None], prob, 0.0), 0)
+    tl.store(OUT + pid * N + cols, colsum.to(OUT.dtype.element_ty), mask=col_mask)
+
+
+# --------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------
+
+
+@triton.autotune(**_blocked_autotune())
+@triton.jit(do_not_specialize=["N", "offset"])
+def colsum_bwd_rowdot_kernel(
+    Q, K, LSE, GRAD, C,
+    stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
+    H, P, N, D, offset, qk_scale,
+    PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """c[b, p, h, i] = Σ_j P_ij g_j, the softmax-backward row term, for a row block.
+
+    Grid: (B·P·H, ⌈N / BLOCK_M⌉). P is recomputed from the saved lse.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    p = (pid // H) % P
+    b = pid // (H * P)
+    q_a = Q + b * stride_qb + p * stride_qt + h * stride_qh
+    k_a = K + b * stride_kb + p * stride_kt + h * stride_kh
+    q_b = q_a + offset * stride_qt
+    k_b = k_a + offset * stride_kt
+
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    qa = _load_tile(q_a, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+    qb = qa
+    if PAIRED:
+        qb = _load_tile(q_b, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+    lse = tl.load(LSE + pid * N + rows, mask=row_mask, other=0.0)
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        k = _load_tile(k_a, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+        s = tl.dot(qa, tl.trans(k), input_precision=PRECISION)
+        if PAIRED:
+            k = _load_tile(k_b, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+            s -= tl.dot(qb, tl.trans(k), input_precision=PRECISION)
+        prob = tl.exp2(_logits(s * qk_scale, col_mask, PAIRED) - lse[:, None])
+        g = tl.load(GRAD + pid * N + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc += tl.sum(tl.where(col_mask[None, :], prob * g[None, :], 0.0), 1)
+    tl.store(C + pid * N + rows, acc, mask=row_mask)
+
+
+@triton.jit
+def _frame_dscores(
+    s_prev, s_cur, s_next, t, P, offset, stat_prev, stat_cur, LSE, C, GRAD,
+    rows, row_mask, cols, col_mask, qk_scale, PAIRED: tl.constexpr,
+):
+    """E_t tile = ∂L/∂z^(t) − ∂L/∂z^(t−Δ), from the score tiles of frames t−Δ, t, t+Δ.
+
+    ``stat_cur``/``stat_prev`` index the (b, p, h) rows of lse, c and g for pairs t and t−Δ.
+    Not PAIRED: E_t = ∂L/∂z^(t), the plain softmax-colsum score gradient.
+    """
+    e = tl.zeros(s_cur.shape, dtype=tl.float32)
+    if PAIRED:
+        if t < P:
+            lse = tl.load(LSE + stat_cur + rows, mask=row_mask, other=0.0)
+            c = tl.load(C + stat_cur + rows, mask=row_mask, other=0.0)
+            g = tl.load(GRAD + stat_cur + cols, mask=col_mask, other=0.0).to(tl.float32)
+            e += _dscores((s_cur - s_next) * qk_scale, lse, c, g, row_mask, col_mask, True)
+        if t >= offset:
+            lse = tl.load(LSE + stat_prev + rows, mask=row_mask, other=0.0)
+            c = tl.load(C + stat_prev + rows, mask=row_mask, other=0.0)
+            g = tl.load(GRAD + stat_prev + cols, mask=col_mask, other=0.0).to(tl.float32)
+            e -= _dscores((s_prev - s_cur) * qk_scale, lse, c, g, row_mask, col_mask, True)
+    else:
+        lse = tl.load(LSE + stat_cur + rows, mask=row_mask, other=0.0)
+        c = tl.load(C + stat_cur + rows, mask=row_mask, other=0.0)
+        g = tl.load(GRAD + stat_cur + cols, mask=col_mask, other=0.0).to(tl.float32)
+        e += _dscores(s_cur * qk_scale, lse, c, g, row_mask, col_mask, False)
+    return e
+
+
+@triton.autotune(**_blocked_autotune())
+@triton.jit(do_not_specialize=["N", "offset"])
+def colsum_bwd_dq_kernel(
+    Q, K, LSE, GRAD, C, DQ,
+    stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
+    H, T, P, N, D, offset, qk_scale, scale,
+    PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ_t[rows] = scale · Σ_j E_t[rows, j] K_t[j] for a row block of frame t.
+
+    Grid: (B·T·H, ⌈N / BLOCK_M⌉). DQ is contiguous (B, T, H, N, D).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    t = (pid // H) % T
+    b = pid // (H * T)
+    q_t = Q + b * stride_qb + t * stride_qt + h * stride_qh
+    k_t = K + b * stride_kb + t * stride_kt + h * stride_kh
+    stat_cur = ((b * P + t) * H + h) * N
+    stat_prev = ((b * P + t - offset) * H + h) * N
+
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    q_cur = _load_tile(q_t, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+    q_prev = q_cur
+    q_next = q_cur
+    if PAIRED:
+        if t >= offset:
+            q_prev = _load_tile(q_t - offset * stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+        if t < P:
+            q_next = _load_tile(q_t + offset * stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        k_cur = _load_tile(k_t, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+        s_cur = tl.dot(q_cur, tl.trans(k_cur), input_precision=PRECISION)
+        s_prev = s_cur
+        s_next = s_cur
+        if PAIRED:
+            if t >= offset:
+                k = _load_tile(k_t - offset * stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+                s_prev = tl.dot(q_prev, tl.trans(k), input_precision=PRECISION)
+            if t < P:
+                k = _load_tile(k_t + offset * stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+                s_next = tl.dot(q_next, tl.trans(k), input_precision=PRECISION)
+        e = _frame_dscores(
+            s_prev, s_cur, s_next, t, P, offset, stat_prev, stat_cur, LSE, C, GRAD,
+            rows, row_mask, cols, col_mask, qk_scale, PAIRED,
+        )
+        acc += tl.dot(e.to(k_cur.dtype), k_cur, input_precision=PRECISION)
+    dq = DQ + pid * N * D + rows.to(tl.int64)[:, None] * D + dims[None, :]
+    tl.store(dq, (acc * scale).to(DQ.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+
+
+@triton.autotune(**_blocked_autotune())
+@triton.jit(do_not_specialize=["N", "offset"])
+def colsum_bwd_dk_kernel(
+    Q, K, LSE, GRAD, C, DK,
+    stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
+    H, T, P, N, D, offset, qk_scale, scale,
+    PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK_t[cols] = scale · Σ_i E_t[i, cols]ᵀ Q_t[i] for a column block of frame t.
+
+    Grid: (B·T·H, ⌈N / BLOCK_N⌉). DK is contiguous (B, T, H, N, D).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    t = (pid // H) % T
+    b = pid // (H * T)
+    q_t = Q + b * stride_qb + t * stride_qt + h * stride_qh
+    k_t = K + b * stride_kb + t * stride_kt + h * stride_kh
+    stat_cur = ((b * P + t) * H + h) * N
+    stat_prev = ((b * P + t - offset) * H + h) * N
+
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    k_cur = _load_tile(k_t, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+    k_prev = k_cur
+    k_next = k_cur
+    if PAIRED:
+        if t >= offset:
+            k_prev = _load_tile(k_t - offset * stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+        if t < P:
+            k_next = _load_tile(k_t + offset * stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < N
+        q_cur = _load_tile(q_t, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+        s_cur = tl.dot(q_cur, tl.trans(k_cur), input_precision=PRECISION)
+        s_prev = s_cur
+        s_next = s_cur
+        if PAIRED:
+            if t >= offset:
+                q = _load_tile(q_t - offset * stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+                s_prev = tl.dot(q, tl.trans(k_prev), input_precision=PRECISION)
+            if t < P:
+                q = _load_tile(q_t + offset * stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+                s_next = tl.dot(q, tl.trans(k_next), input_precision=PRECISION)
+        e = _frame_dscores(
+            s_prev, s_cur, s_next, t, P, offset, stat_prev, stat_cur, LSE, C, GRAD,
+            rows, row_mask, cols, col_mask, qk_scale, PAIRED,
+        )
+        acc += tl.dot(tl.trans(e).to(q_cur.dtype), q_cur, input_precision=PRECISION)
+    dk = DK + pid * N * D + cols.to(tl.int64)[:, None] * D + dims[None, :]
+    tl.store(dk, (acc * scale).to(DK.dtype.element_ty), mask=col_mask[:, None] & dim_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _block_d(head_dim: int) -> int:
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"triton backend: head dim must be ≤ {MAX_HEAD_DIM}, got {head_dim}")
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products: TF32 would lose the small differences
+    # S_t − S_{t+Δ} of two large score maps.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def resident_fits(n: int, head_dim: int) -> bool:
+    """Whether whole score rows of an (N, D) problem fit on chip for the one-pass forward."""
+    block_n = max(16, triton.next_power_of_2(n))
+    return block_n <= RESIDENT_MAX_BLOCK_N and block_n * _block_d(head_dim) <= RESIDENT_MAX_KEY_TILE
+
+
+def _prefer_resident(q: torch.Tensor, programs: int) -> bool:
+    """One-pass forward when it fits and its B·P·H programs fill the GPU; else two passes."""
+    _, _, _, n, d = q.shape
+    if not resident_fits(n, d):
+        return False
+    if q.device.type != "cuda":
+        return True
+    return programs >= 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
+
+
+def _shape_args(q, k, offset, scale, paired):
+    """The keyword arguments every kernel takes after its strides."""
+    _, _, h, n, d = q.shape
+    return dict(
+        H=h, N=n, D=d, offset=offset if paired else 0, qk_scale=scale * LOG2E,
+        PAIRED=paired, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d),
+    )
+
+
+def colsum_fwd(
+    q: torch.Tensor, k: torch.Tensor, *, offset: int, paired: bool, scale: float,
+    resident: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of both ops on (B, T, H, N, D) q, k of any strides.
+
+    Returns ``out`` (B, P, H, N) in q's dtype and ``lse`` (B, P, H, N) fp32 (log2 domain),
+    P = T − offset if ``paired`` else T. ``resident`` forces (True) or forbids (False) the
+    one-pass kernel; None chooses by shape.
+    """
+    b, t, h, n, _ = q.shape
+    p = t - offset if paired else t
+    out = torch.empty((b, p, h, n), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, p, h, n), dtype=torch.float32, device=q.device)
+    programs = b * p * h
+    if programs == 0:
+        return out, lse
+    strides = (*q.stride(), *k.stride())
+    c = _shape_args(q, k, offset, scale, paired)
+    if resident is None:
+        resident = _prefer_resident(q, programs)
+    if resident:
+        block_n = max(16, triton.next_power_of_2(n))
+        colsum_fwd_resident_kernel[(programs,)](q, k, out, lse, *strides, P=p, BLOCK_N=block_n, **c)
+        return out, lse
+    colsum_fwd_lse_kernel[lambda meta: (programs, triton.cdiv(n, meta["BLOCK_M"]))](
+        q, k, lse, *strides, P=p, **c
+    )
+    colsum_fwd_cols_kernel[lambda meta: (programs, triton.cdiv(n, meta["BLOCK_N"]))](
+        q, k, lse, out, *strides, P=p, **c
+    )
+    return out, lse
+
+
+def colsum_bwd(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *,
+    offset: int, paired: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of :func:`colsum_fwd`: (dq, dk), contiguous (B, T, H, N, D) in q's dtype."""
+    b, t, h, n, _ = q.shape
+    p = lse.shape[1]
+    grad = grad.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    rowdot = torch.empty_like(lse)
+    if b * p * h == 0:
+        return dq.zero_(), dk.zero_()
+    strides = (*q.stride(), *k.stride())
+    c = _shape_args(q, k, offset, scale, paired)
+    pairs = b * p * h
+    frames = b * t * h
+    colsum_bwd_rowdot_kernel[lambda meta: (pairs, triton.cdiv(n, meta["BLOCK_M"]))](
+        q, k, lse, grad, rowdot, *strides, P=p, **c
+    )
+    colsum_bwd_dq_kernel[lambda meta: (frames, triton.cdiv(n, meta["BLOCK_M"]))](
+        q, k, lse, grad, rowdot, dq, *strides, T=t, P=p, scale=scale, **c
+    )
+    colsum_bwd_dk_kernel[lambda meta: (frames, triton.cdiv(n, meta["BLOCK_N"]))](
+        q, k, lse, grad, rowdot, dk, *strides, T=t, P=p, scale=scale, **c
+    )
+    return dq, dk

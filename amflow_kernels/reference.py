@@ -1,0 +1,53 @@
+"""The literal formulas of ../SPEC.md, materialising every N×N map.
+
+This module is the ground truth the fused backends are tested against: it is plain
+PyTorch, runs on any device and in any floating dtype (float64 included), and is
+differentiated by autograd. It computes in the dtype of its inputs, so a low-precision
+call also measures "PyTorch's own error" for the tests' tolerance rule.
+
+Notation: q, k are (B, T, H, N, D); S_t = scale · Q_t K_tᵀ is the N×N score map of
+frame t for one (clip, head); softmax_j normalises each row over the keys j.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["am_flow", "attention_colsum", "as_frames"]
+
+
+def as_frames(x: torch.Tensor, num_frames: int | None) -> torch.Tensor:
+    """(B·T, H, N, D) with ``num_frames=T`` → a (B, T, H, N, D) view; 5-D input unchanged."""
+    if num_frames is None:
+        return x
+    return x.unflatten(0, (x.shape[0] // num_frames, num_frames))
+
+
+def am_flow(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    num_frames: int | None = None,
+    offset: int = 1,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """flow[b, t, h, j] = Σ_i softmax_j(|S_t − S_{t+Δ}|)[i, j] for t = 0 … T−1−Δ.
+
+    Returns (B, T−Δ, H, N) in the dtype of ``q``.
+    """
+    q, k = as_frames(q, num_frames), as_frames(k, num_frames)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = scale * (q @ k.transpose(-1, -2))  # (B, T, H, N, N)
+    diff = (scores[:, :-offset] - scores[:, offset:]).abs()
+    return diff.softmax(dim=-1).sum(dim=-2)
+
+
+def attention_colsum(
+    q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None
+) -> torch.Tensor:
+    """colsum[..., j] = Σ_i softmax_j(S)[i, j] for q, k of shape (..., N, D)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = scale * (q @ k.transpose(-1, -2))
+    return scores.softmax(dim=-1).sum(dim=-2)
