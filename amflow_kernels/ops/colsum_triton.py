@@ -24,7 +24,8 @@ bitwise reproducible):
 - ``colsum_fwd_resident_kernel``: a program owns one (b, p, h) and loops over row blocks
   with whole rows on chip (N ≤ 512): one exp per score, exact row softmax, no second pass.
 - ``colsum_fwd_lse_kernel`` then ``colsum_fwd_cols_kernel``: any N. Row statistics with an
-  online max, then a program per column block sums P over row blocks.
+  online max, then a program per column block sums P over row blocks (same tiles, so the
+  recomputed scores agree bit for bit).
 - ``colsum_bwd_rowdot_kernel`` (c), ``colsum_bwd_dq_kernel`` and ``colsum_bwd_dk_kernel``.
 """
 
@@ -228,7 +229,6 @@ def colsum_fwd_lse_kernel(
     tl.store(LSE + pid * N + rows, row_max + tl.log2(row_sum), mask=row_mask)
 
 
-@triton.autotune(**_blocked_autotune())
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_fwd_cols_kernel(
     Q, K, LSE, OUT,
@@ -241,6 +241,8 @@ def colsum_fwd_cols_kernel(
     """out[b, p, h, j] = Σ_i 2^{x₂[i, j] − lse[i]} for a column block, over row blocks.
 
     Grid: (B·P·H, ⌈N / BLOCK_N⌉). The program owns its columns: a deterministic reduction.
+    Launched with the tile config the lse kernel was tuned to, so both passes recompute
+    bitwise-identical scores and every row of P sums to 1 even when |S| is large.
     """
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
@@ -290,9 +292,12 @@ def colsum_bwd_rowdot_kernel(
     PAIRED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """c[b, p, h, i] = Σ_j P_ij g_j, the softmax-backward row term, for a row block.
+    """c[b, p, h, i] = Σ_j P_ij g_j / Σ_j P_ij, the softmax-backward row term, for a row block.
 
-    Grid: (B·P·H, ⌈N / BLOCK_M⌉). P is recomputed from the saved lse.
+    Grid: (B·P·H, ⌈N / BLOCK_M⌉). P is recomputed from the saved lse. Dividing by the
+    recomputed row mass (1 in exact arithmetic) makes c a true weighted mean of g: when a
+    row is nearly one-hot, g_j − c_i cancels, and a row mass off by the rounding of large
+    recomputed scores (|S| in the thousands) would otherwise swamp the gradient.
     """
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
@@ -313,6 +318,7 @@ def colsum_bwd_rowdot_kernel(
         qb = _load_tile(q_b, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
     lse = tl.load(LSE + pid * N + rows, mask=row_mask, other=0.0)
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mass = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < N
@@ -324,7 +330,8 @@ def colsum_bwd_rowdot_kernel(
         prob = tl.exp2(_logits(s * qk_scale, col_mask, PAIRED) - lse[:, None])
         g = tl.load(GRAD + pid * N + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc += tl.sum(tl.where(col_mask[None, :], prob * g[None, :], 0.0), 1)
-    tl.store(C + pid * N + rows, acc, mask=row_mask)
+        mass += tl.sum(prob, 1)
+    tl.store(C + pid * N + rows, acc / mass, mask=row_mask)
 
 
 @triton.jit
@@ -545,8 +552,10 @@ def colsum_fwd(
     colsum_fwd_lse_kernel[lambda meta: (programs, triton.cdiv(n, meta["BLOCK_M"]))](
         q, k, lse, *strides, P=p, **c
     )
-    colsum_fwd_cols_kernel[lambda meta: (programs, triton.cdiv(n, meta["BLOCK_N"]))](
-        q, k, lse, out, *strides, P=p, **c
+    tuned = colsum_fwd_lse_kernel.best_config
+    colsum_fwd_cols_kernel[(programs, triton.cdiv(n, tuned.kwargs["BLOCK_N"]))](
+        q, k, lse, out, *strides, P=p, **c, **tuned.kwargs,
+        num_warps=tuned.num_warps, num_stages=tuned.num_stages,
     )
     return out, lse
 

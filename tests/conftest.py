@@ -1,0 +1,64 @@
+"""Test setup: Triton's interpreter on CPU-only machines, seeding, NaN-poisoned allocations.
+
+- Without CUDA, TRITON_INTERPRET=1 is set before amflow_kernels (and triton.jit) is imported,
+  so the Triton kernels run on CPU tensors through Triton's interpreter.
+- Every test gets fresh random inputs: a session seed (AMFLOW_TEST_SEED, else random, shown
+  in the report header) mixed with the test's id seeds torch before each test.
+- torch.empty / torch.empty_like return NaN-filled memory, so an output element a kernel
+  forgets to write fails loudly instead of passing by luck.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SESSION_SEED = int(os.environ.get("AMFLOW_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"amflow seed: AMFLOW_TEST_SEED={SESSION_SEED}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) ^ SESSION_SEED)
+
+
+_empty, _empty_like = torch.empty, torch.empty_like
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+@pytest.fixture(autouse=True)
+def _nan_poisoned_allocations(monkeypatch):
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: _poison(_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _poison(_empty_like(*a, **kw)))
+
+
+def require_triton(device: str) -> None:
+    """Skip, with the dispatcher's reason, where the Triton backend cannot run on ``device``:
+    CUDA without a GPU, or CPU when a GPU is present (the interpreter is then off)."""
+    from amflow_kernels._dispatch import backend_report
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; none is present on this machine")
+    why = backend_report(device)["triton"]
+    if why is not None:
+        pytest.skip(f"the triton backend cannot run on {device}: {why}")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """CPU (Triton through its interpreter) and CUDA, each skipped where Triton cannot run."""
+    require_triton(request.param)
+    return torch.device(request.param)

@@ -1,0 +1,79 @@
+"""Inputs, tolerances and comparisons shared by the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import torch
+
+# Relative RMS error ‖fused − ref‖ / ‖ref‖ against the float64 reference computed from the
+# same (rounded) inputs. Low-precision outputs are also held to FlashAttention's rule: at
+# most twice the error of the reference formula run by PyTorch in that dtype.
+REL_RMS_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+LAYOUTS = ("contiguous", "frames", "qkv", "strided")
+
+
+def make_qk(layout: str, B: int, T: int, H: int, N: int, D: int, dtype, device):
+    """q, k (leaf tensors, requires_grad) in one of the layouts users pass, and the kwargs.
+
+    contiguous: (B, T, H, N, D). frames: (B·T, H, N, D) with num_frames=T. qkv: views of
+    timm's fused projection, qkv.reshape(B·T, N, 3, H, D).permute(2, 0, 3, 1, 4). strided:
+    (B, T, H, N, D) views of a (B, H, T, D, N) tensor (no stride equals 1 on D).
+    """
+    BT = B * T
+    if layout == "contiguous":
+        q, k = (torch.randn(B, T, H, N, D, device=device, dtype=dtype) for _ in range(2))
+        kwargs = {}
+    elif layout == "frames":
+        q, k = (torch.randn(BT, H, N, D, device=device, dtype=dtype) for _ in range(2))
+        kwargs = {"num_frames": T}
+    elif layout == "qkv":
+        qkv = torch.randn(BT, N, 3 * H * D, device=device, dtype=dtype)
+        q, k, _ = qkv.reshape(BT, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        kwargs = {"num_frames": T}
+    elif layout == "strided":
+        q, k = (
+            torch.randn(B, H, T, D, N, device=device, dtype=dtype).permute(0, 2, 1, 4, 3)
+            for _ in range(2)
+        )
+        kwargs = {}
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return q.detach().requires_grad_(), k.detach().requires_grad_(), kwargs
+
+
+def as_float64_leaves(*tensors):
+    return [t.detach().double().requires_grad_() for t in tensors]
+
+
+def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+def assert_close(name: str, fused: torch.Tensor, ref64: torch.Tensor, ref_lowp=None) -> None:
+    """fused (any dtype) against the float64 reference; ref_lowp: the reference in fused's dtype."""
+    assert fused.shape == ref64.shape, f"{name}: shape {tuple(fused.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(fused).any(), f"{name}: NaN in the fused result"
+    tol = REL_RMS_TOL[fused.dtype]
+    err = rel_rms(fused, ref64)
+    assert err <= tol, f"{name}: relative RMS error {err:.3g} exceeds {tol:.3g} ({fused.dtype})"
+    if ref_lowp is not None and fused.dtype != torch.float32:
+        fused_err = (fused.double() - ref64).abs().max().item()
+        pytorch_err = (ref_lowp.double() - ref64).abs().max().item()
+        rounding = (ref64.to(fused.dtype).double() - ref64).abs().max().item()
+        assert fused_err <= 2 * pytorch_err + 2 * rounding, (
+            f"{name}: max error {fused_err:.3g} exceeds twice PyTorch's {pytorch_err:.3g} "
+            f"in {fused.dtype} (+ rounding {rounding:.3g})"
+        )
+
+
+def assert_as_accurate_as_pytorch(name: str, fused, ref64, ref_same_dtype) -> None:
+    """For ill-conditioned inputs (near one-hot softmax rows): relative RMS error at most twice
+    that of the reference formula run by PyTorch in fused's dtype, plus output rounding."""
+    assert torch.isfinite(fused).all(), f"{name}: non-finite values in the fused result"
+    err = rel_rms(fused, ref64)
+    pytorch_err = rel_rms(ref_same_dtype, ref64)
+    rounding = rel_rms(ref64.to(fused.dtype), ref64)
+    assert err <= 2 * pytorch_err + 2 * rounding, (
+        f"{name}: relative RMS error {err:.3g} exceeds twice PyTorch's {pytorch_err:.3g} "
+        f"in {fused.dtype} (+ rounding {rounding:.3g})"
+    )

@@ -1,0 +1,282 @@
+"""am_flow: every fused backend against the float64 reference, values and gradients."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import require_triton
+from helpers import LAYOUTS, as_float64_leaves, assert_as_accurate_as_pytorch, assert_close, make_qk
+
+import amflow_kernels
+from amflow_kernels import reference
+from amflow_kernels.ops import am_flow as am_flow_module
+from amflow_kernels.ops import colsum_triton
+
+# (B, T, H, N, D, offset, layout). The CPU grid runs through Triton's interpreter, so it is
+# a covering subset: every N, D, T, offset and layout of the issue's grid appears, N crosses
+# the 16/64-wide block boundaries, and D takes non-powers of two and the maximum 256.
+CPU_CASES = [
+    (1, 2, 1, 1, 8, 1, "contiguous"),
+    (2, 3, 2, 2, 16, 1, "frames"),
+    (1, 3, 2, 5, 40, 2, "qkv"),
+    (2, 2, 3, 17, 64, 1, "qkv"),
+    (1, 5, 1, 17, 80, 2, "strided"),
+    (1, 3, 2, 64, 16, 1, "frames"),
+    (2, 3, 1, 65, 64, 2, "contiguous"),
+    (1, 5, 2, 65, 40, 1, "qkv"),
+    (1, 2, 1, 33, 128, 1, "strided"),
+    (1, 3, 1, 20, 256, 1, "contiguous"),
+]
+# On a GPU: the whole grid of the issue plus real ViT token counts, in every dtype.
+GPU_CASES = [
+    (2, T, 3, N, D, offset, layout)
+    for (N, D), (T, offset, layout) in zip(
+        itertools.product((1, 2, 5, 17, 64, 65, 197, 261, 1370, 2048), (8, 16, 40, 64, 80, 128, 256)),
+        itertools.cycle(
+            [(t, o, lay) for t in (2, 3, 5) for o in (1, 2) for lay in LAYOUTS if t > o]
+        ),
+    )
+]
+LOW_PRECISION = [torch.float32, torch.float16]  # bfloat16 tl.dot is wrong in Triton's interpreter
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _case_id(case):
+    B, T, H, N, D, offset, layout = case
+    return f"B{B}-T{T}-H{H}-N{N}-D{D}-off{offset}-{layout}"
+
+
+@pytest.fixture(params=["resident", "blocked"])
+def forward_path(request, monkeypatch):
+    """Run the one-pass (whole rows on chip) or the two-pass forward kernels."""
+    resident = request.param == "resident"
+    monkeypatch.setattr(
+        colsum_triton, "_prefer_resident",
+        lambda q, programs: resident and colsum_triton.resident_fits(q.shape[-2], q.shape[-1]),
+    )
+    return request.param
+
+
+def _check_against_reference(case, dtype, device):
+    B, T, H, N, D, offset, layout = case
+    q, k, kw = make_qk(layout, B, T, H, N, D, dtype, device)
+    flow = amflow_kernels.am_flow(q, k, offset=offset, backend="triton", **kw)
+    grad = torch.randn_like(flow)
+    flow.backward(grad)
+
+    q64, k64 = as_float64_leaves(q, k)
+    ref = reference.am_flow(q64, k64, offset=offset, **kw)
+    ref.backward(grad.double())
+    ql, kl = (t.detach().requires_grad_() for t in (q, k))
+    ref_lowp = reference.am_flow(ql, kl, offset=offset, **kw)
+    ref_lowp.backward(grad)
+
+    assert flow.dtype == dtype and flow.shape == (B, T - offset, H, N)
+    assert_close("flow", flow, ref, ref_lowp)
+    assert_close("dq", q.grad, q64.grad, ql.grad)
+    assert_close("dk", k.grad, k64.grad, kl.grad)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+def test_matches_reference_cpu(case, dtype, forward_path):
+    require_triton("cpu")
+    _check_against_reference(case, dtype, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_matches_reference_cuda(case, dtype, forward_path):
+    require_triton("cuda")
+    _check_against_reference(case, dtype, torch.device("cuda"))
+
+
+def test_invariants(device):
+    """flow ≥ 0, Σ_j flow = N, and identical frames give flow ≡ 1."""
+    B, T, H, N, D = 2, 4, 3, 37, 32
+    q, k, _ = make_qk("contiguous", B, T, H, N, D, torch.float32, device)
+    flow = amflow_kernels.am_flow(q, k, backend="triton")
+    assert (flow >= 0).all()
+    torch.testing.assert_close(flow.sum(-1), torch.full_like(flow[..., 0], N), rtol=1e-5, atol=0)
+    still_q = q.detach()[:, :1].expand(B, T, H, N, D)
+    still_k = k.detach()[:, :1].expand(B, T, H, N, D)
+    still = amflow_kernels.am_flow(still_q, still_k, backend="triton")
+    torch.testing.assert_close(still, torch.ones_like(still), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [1, 3])
+def test_frames_layout_equals_5d(device, offset):
+    """(B·T, H, N, D) with num_frames=T gives the (B, T, H, N, D) answer, bit for bit."""
+    q, k, kw = make_qk("qkv", 2, 5, 2, 19, 24, torch.float32, device)
+    flat = amflow_kernels.am_flow(q, k, offset=offset, backend="triton", **kw)
+    five = amflow_kernels.am_flow(
+        q.unflatten(0, (2, 5)), k.unflatten(0, (2, 5)), offset=offset, backend="triton"
+    )
+    assert torch.equal(flat, five)
+
+
+def test_deterministic(device, forward_path):
+    q, k, kw = make_qk("qkv", 2, 3, 2, 70, 32, torch.float32, device)
+    runs = []
+    for _ in range(2):
+        q.grad = k.grad = None
+        flow = amflow_kernels.am_flow(q, k, backend="triton", **kw)
+        flow.backward(torch.ones_like(flow).cumsum(-1))
+        runs.append((flow, q.grad, k.grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nan_stays_in_its_slice(device):
+    """A NaN token poisons exactly the (clip, head) pairs the reference says it does."""
+    B, T, H, N, D = 2, 4, 2, 21, 16
+    q, k, _ = make_qk("contiguous", B, T, H, N, D, torch.float32, device)
+    q, k = q.detach().clone(), k.detach().clone()
+    q[1, 2, 0, 5] = float("nan")
+    k[0, 0, 1, 3, 7] = float("inf")
+    flow = amflow_kernels.am_flow(q, k, backend="triton")
+    ref = reference.am_flow(q.double(), k.double())
+    assert torch.equal(flow.isnan(), ref.isnan())
+    assert ref.isnan().any() and not ref.isnan().all()
+    finite = ~ref.isnan()
+    torch.testing.assert_close(flow[finite].double(), ref[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_large_scores(device, dtype, forward_path):
+    """|S| in the thousands (fp16 activations of real ViTs): finite, and as accurate as PyTorch.
+
+    Rows of softmax(|d|) are then nearly one-hot and the gradient g_j − c_i cancels, so the
+    bound is FlashAttention's data-driven one: twice PyTorch's own error in the same dtype.
+    """
+    q, k, _ = make_qk("contiguous", 1, 3, 2, 40, 64, torch.float32, device)
+    q = (q.detach() * 20).to(dtype).requires_grad_()
+    k = (k.detach() * 20).to(dtype).requires_grad_()
+    q64, k64 = as_float64_leaves(q, k)
+    assert (q64 @ k64.transpose(-1, -2)).abs().max() * 64**-0.5 > 1000, "scores must be large"
+    ref = reference.am_flow(q64, k64)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    ql, kl = (t.detach().requires_grad_() for t in (q, k))
+    reference.am_flow(ql, kl).backward(grad.to(dtype))
+    flow = amflow_kernels.am_flow(q, k, backend="triton")
+    flow.backward(grad.to(dtype))
+    assert_as_accurate_as_pytorch("flow", flow, ref, reference.am_flow(ql.detach(), kl.detach()))
+    assert_as_accurate_as_pytorch("dq", q.grad, q64.grad, ql.grad)
+    assert_as_accurate_as_pytorch("dk", k.grad, k64.grad, kl.grad)
+
+
+def test_only_one_input_requires_grad(device):
+    q, k, _ = make_qk("contiguous", 1, 3, 1, 9, 16, torch.float32, device)
+    k = k.detach()
+    flow = amflow_kernels.am_flow(q, k, backend="triton")
+    grad = torch.randn_like(flow)
+    flow.backward(grad)
+    q64 = q.detach().double().requires_grad_()
+    reference.am_flow(q64, k.double()).backward(grad.double())
+    assert k.grad is None
+    assert_close("dq", q.grad, q64.grad)
+
+
+def test_empty_batch(device):
+    q, k, _ = make_qk("contiguous", 0, 3, 2, 9, 16, torch.float32, device)
+    assert amflow_kernels.am_flow(q, k, backend="triton").shape == (0, 2, 2, 9)
+
+
+def test_opcheck(device):
+    q, k, _ = make_qk("qkv", 1, 3, 2, 17, 16, torch.float32, device)
+    q, k = q.unflatten(0, (1, 3)), k.unflatten(0, (1, 3))
+    for requires_grad in (True, False):
+        args = (q.detach().requires_grad_(requires_grad), k.detach().requires_grad_(requires_grad), 1, 0.25)
+        torch.library.opcheck(am_flow_module.am_flow_fwd_triton, args)
+    flow, lse = am_flow_module.am_flow_fwd_triton(q.detach(), k.detach(), 1, 0.25)
+    torch.library.opcheck(
+        am_flow_module.am_flow_bwd_triton, (torch.randn_like(flow), q.detach(), k.detach(), lse, 1, 0.25)
+    )
+
+
+def test_compile_fullgraph(device):
+    """torch.compile(fullgraph=True) of the public op, forward and backward, equals eager."""
+    torch._dynamo.reset()
+    q, k, kw = make_qk("qkv", 1, 3, 2, 17, 16, torch.float32, device)
+
+    def loss(q, k):
+        flow = amflow_kernels.am_flow(q, k, backend="triton", **kw)
+        return (flow * torch.arange(flow.shape[-1], device=flow.device)).sum(), flow
+
+    compiled = torch.compile(loss, fullgraph=True)
+    (value, flow) = compiled(q, k)
+    value.backward()
+    dq, dk = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+    (eager_value, eager_flow) = loss(q, k)
+    eager_value.backward()
+    torch.testing.assert_close(flow, eager_flow, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dq, q.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dk, k.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_refuses_silent_fallback(device):
+    """Where a fused backend exists but rejects the inputs, auto raises instead of using the reference."""
+    q = torch.zeros(1, 3, 2, 4, 8, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match=rf"no fused backend on {device.type} accepts .*backend='reference'"):
+        amflow_kernels.am_flow(q, q)
+
+
+@pytest.mark.gpu
+def test_64bit_offsets():
+    """q and k beyond 2³¹ elements: the last frames, past every 32-bit offset, are right."""
+    require_triton("cuda")
+    H, N, D = 12, 197, 64
+    T = 2**31 // (H * N * D) + 3
+    q = torch.randn(1, T, H, N, D, device="cuda", dtype=torch.float16)
+    k = torch.randn_like(q)
+    flow = amflow_kernels.am_flow(q, k, backend="triton")
+    ref = reference.am_flow(q[:, -3:].double(), k[:, -3:].double())
+    assert_close("flow[-2:]", flow[:, -2:], ref)
+
+
+BAD_INPUTS = [
+    (dict(q=torch.zeros(2, 3, 4, 5)), ValueError, r"am_flow: q must have shape \(B, T, H, N, D\).*got 4 dims"),
+    (dict(q=torch.zeros(6, 2, 4, 8), num_frames=4), ValueError, r"divisible by num_frames, got 6 and num_frames=4"),
+    (dict(q=torch.zeros(6, 2, 4, 8), num_frames=0), ValueError, r"num_frames must be an int ≥ 1 or None, got 0"),
+    (dict(q=torch.zeros(1, 3, 2, 4, 8), num_frames=3), ValueError, r"with num_frames, q must have shape \(B·T, H, N, D\)"),
+    (dict(offset=0), ValueError, r"offset must be an int ≥ 1, got 0"),
+    (dict(offset=1.0), ValueError, r"offset must be an int ≥ 1, got 1.0"),
+    (dict(offset=3), ValueError, r"T must exceed offset \(T > 3\), got T=3"),
+    (dict(k=torch.zeros(1, 3, 2, 5, 8)), ValueError, r"k.shape must equal q.shape \(1, 3, 2, 4, 8\), got \(1, 3, 2, 5, 8\)"),
+    (dict(k=torch.zeros(1, 3, 2, 4, 8, dtype=torch.float64)), TypeError, r"k.dtype must equal q.dtype \(torch.float32\), got torch.float64"),
+    (dict(q=torch.zeros(1, 3, 2, 4, 8, dtype=torch.int32)), TypeError, r"q.dtype must be one of float16, bfloat16, float32, float64, got torch.int32"),
+    (dict(q=[1.0]), TypeError, r"q must be a torch.Tensor, got list"),
+    (dict(k=torch.zeros(1, 3, 2, 4, 8, device="meta")), ValueError, r"k.device must equal q.device \(cpu\), got meta"),
+    (dict(q=torch.zeros(1, 3, 2, 0, 8)), ValueError, r"at least one token and one channel"),
+    (dict(scale=float("nan")), ValueError, r"scale must be a finite float or None, got nan"),
+    (dict(backend="cudnn"), ValueError, r"backend must be one of \('auto', 'reference', 'triton'\), got 'cudnn'"),
+    (dict(q=torch.zeros(1, 3, 2, 4, 300), backend="triton"), RuntimeError, r"backend 'triton' cannot run .* head dim 300 exceeds its maximum 256"),
+    (dict(q=torch.zeros(1, 3, 2, 4, 8, dtype=torch.float64), backend="triton"), RuntimeError, r"dtype torch.float64 is not supported \(accepted: float16, bfloat16, float32\)"),
+]
+
+
+@pytest.mark.parametrize("bad, error, message", BAD_INPUTS, ids=[m[:40] for _, _, m in BAD_INPUTS])
+def test_bad_input(bad, error, message):
+    q = bad.pop("q", torch.zeros(1, 3, 2, 4, 8))
+    k = bad.pop("k", torch.zeros_like(q) if isinstance(q, torch.Tensor) else q)
+    with pytest.raises(error, match=message):
+        amflow_kernels.am_flow(q, k, **bad)
+
+
+def test_backends_on_cpu(monkeypatch):
+    from amflow_kernels import _dispatch
+
+    assert "reference" in amflow_kernels.available_backends("cpu")
+    monkeypatch.setattr(_dispatch, "_INTERPRET", False)
+    assert amflow_kernels.available_backends("cpu") == ["reference"]
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run .*TRITON_INTERPRET=1"):
+        amflow_kernels.am_flow(torch.zeros(1, 2, 1, 3, 8), torch.zeros(1, 2, 1, 3, 8), backend="triton")
+    # No fused backend on this device: auto runs the reference.
+    q = torch.randn(1, 2, 1, 3, 8, dtype=torch.float64)
+    torch.testing.assert_close(amflow_kernels.am_flow(q, q), reference.am_flow(q, q))
