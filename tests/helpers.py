@@ -66,14 +66,25 @@ def assert_close(name: str, fused: torch.Tensor, ref64: torch.Tensor, ref_lowp=N
         )
 
 
-def assert_as_accurate_as_pytorch(name: str, fused, ref64, ref_same_dtype) -> None:
-    """For ill-conditioned inputs (near one-hot softmax rows): relative RMS error at most twice
-    that of the reference formula run by PyTorch in fused's dtype, plus output rounding."""
+def round_scores(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 scores rounded to ``dtype`` in value, with float64 gradients (straight through)."""
+    return scores + (scores.to(dtype).double() - scores).detach()
+
+
+def assert_as_accurate_as_pytorch(name: str, fused, ref64, ref_same_dtype, ref_rounded_scores) -> None:
+    """For ill-conditioned inputs (large scores, near one-hot softmax rows).
+
+    FlashAttention's data-driven bound: relative RMS error at most twice the error of the
+    formula run by PyTorch in fused's dtype, where that error is floored by the error that
+    rounding the scores alone to fused's dtype causes (``ref_rounded_scores``: the float64
+    formula on rounded scores). No kernel that forms scores in that precision can beat it,
+    and PyTorch's own error is sometimes far below it by luck.
+    """
     assert torch.isfinite(fused).all(), f"{name}: non-finite values in the fused result"
     err = rel_rms(fused, ref64)
-    pytorch_err = rel_rms(ref_same_dtype, ref64)
+    floor = max(rel_rms(ref_same_dtype, ref64), rel_rms(ref_rounded_scores, ref64))
     rounding = rel_rms(ref64.to(fused.dtype), ref64)
-    assert err <= 2 * pytorch_err + 2 * rounding, (
-        f"{name}: relative RMS error {err:.3g} exceeds twice PyTorch's {pytorch_err:.3g} "
-        f"in {fused.dtype} (+ rounding {rounding:.3g})"
+    assert err <= 2 * floor + 2 * rounding, (
+        f"{name}: relative RMS error {err:.3g} exceeds twice {floor:.3g}, the larger of "
+        f"PyTorch's error in {fused.dtype} and that of scores rounded to it (+ {rounding:.3g})"
     )

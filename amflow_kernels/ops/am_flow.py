@@ -21,7 +21,8 @@ from . import colsum_triton
 def am_flow_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, offset: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flow, lse) for (B, T, H, N, D) q, k; lse is fp32 (log2 domain), saved for backward."""
+    """(flow, stats) for (B, T, H, N, D) q, k; stats (B, T−Δ, H, N, 2) fp32 are the softmax
+    row statistics saved for the backward."""
     return colsum_triton.colsum_fwd(q, k, offset=offset, paired=True, scale=scale)
 
 
@@ -30,20 +31,20 @@ def _(q, k, offset, scale):
     b, t, h, n, _ = q.shape
     torch._check(t > offset)
     flow = q.new_empty((b, t - offset, h, n))
-    return flow, q.new_empty((b, t - offset, h, n), dtype=torch.float32)
+    return flow, q.new_empty((b, t - offset, h, n, 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("amflow::am_flow_bwd_triton", mutates_args=())
 def am_flow_bwd_triton(
-    grad_flow: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+    grad_flow: torch.Tensor, q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     offset: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dq, dk) of :func:`am_flow_fwd_triton`, contiguous (B, T, H, N, D)."""
-    return colsum_triton.colsum_bwd(grad_flow, q, k, lse, offset=offset, paired=True, scale=scale)
+    return colsum_triton.colsum_bwd(grad_flow, q, k, stats, offset=offset, paired=True, scale=scale)
 
 
 @am_flow_bwd_triton.register_fake
-def _(grad_flow, q, k, lse, offset, scale):
+def _(grad_flow, q, k, stats, offset, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
@@ -53,11 +54,11 @@ def _setup_context(ctx, inputs, output):
     ctx.offset, ctx.scale = offset, scale
 
 
-def _backward(ctx, grad_flow, _grad_lse):
+def _backward(ctx, grad_flow, _grad_stats):
     if not any(ctx.needs_input_grad[:2]):
         return None, None, None, None
-    q, k, lse = ctx.saved_tensors
-    dq, dk = am_flow_bwd_triton(grad_flow, q, k, lse, ctx.offset, ctx.scale)
+    q, k, stats = ctx.saved_tensors
+    dq, dk = am_flow_bwd_triton(grad_flow, q, k, stats, ctx.offset, ctx.scale)
     return dq, dk, None, None
 
 

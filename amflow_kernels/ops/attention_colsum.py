@@ -19,41 +19,42 @@ from . import colsum_triton
 
 def _as_frames(x: torch.Tensor) -> torch.Tensor:
     """(..., N, D) → (A, 1, L, N, D): the last leading dim as heads, the others merged."""
-    x = x.reshape(-1, *x.shape[-3:]) if x.dim() >= 3 else x.unsqueeze(0)
-    return x.unsqueeze(1)
+    heads = x.shape[-3] if x.dim() >= 3 else 1
+    return x.reshape(-1, 1, heads, *x.shape[-2:])
 
 
 @torch.library.custom_op("amflow::attention_colsum_fwd_triton", mutates_args=())
 def attention_colsum_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(colsum, lse) for (..., N, D) q, k; lse is fp32 (log2 domain), saved for backward."""
-    out, lse = colsum_triton.colsum_fwd(
+    """(colsum, stats) for (..., N, D) q, k; stats (..., N, 2) fp32 are the softmax row
+    statistics saved for the backward."""
+    out, stats = colsum_triton.colsum_fwd(
         _as_frames(q), _as_frames(k), offset=0, paired=False, scale=scale
     )
-    return out.view(q.shape[:-1]), lse.view(q.shape[:-1])
+    return out.view(q.shape[:-1]), stats.view(*q.shape[:-1], 2)
 
 
 @attention_colsum_fwd_triton.register_fake
 def _(q, k, scale):
-    return q.new_empty(q.shape[:-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(q.shape[:-1]), q.new_empty((*q.shape[:-1], 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("amflow::attention_colsum_bwd_triton", mutates_args=())
 def attention_colsum_bwd_triton(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dq, dk) of :func:`attention_colsum_fwd_triton`, contiguous, shaped like q."""
     frames = _as_frames(q)
     dq, dk = colsum_triton.colsum_bwd(
-        grad.reshape(frames.shape[:-1]), frames, _as_frames(k), lse.view(frames.shape[:-1]),
+        grad.reshape(frames.shape[:-1]), frames, _as_frames(k), stats.view(*frames.shape[:-1], 2),
         offset=0, paired=False, scale=scale,
     )
     return dq.view(q.shape), dk.view(k.shape)
 
 
 @attention_colsum_bwd_triton.register_fake
-def _(grad, q, k, lse, scale):
+def _(grad, q, k, stats, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
@@ -63,11 +64,11 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _backward(ctx, grad, _grad_lse):
+def _backward(ctx, grad, _grad_stats):
     if not any(ctx.needs_input_grad[:2]):
         return None, None, None
-    q, k, lse = ctx.saved_tensors
-    dq, dk = attention_colsum_bwd_triton(grad, q, k, lse, ctx.scale)
+    q, k, stats = ctx.saved_tensors
+    dq, dk = attention_colsum_bwd_triton(grad, q, k, stats, ctx.scale)
     return dq, dk, None
 
 

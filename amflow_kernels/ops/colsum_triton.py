@@ -5,10 +5,12 @@ Both ops are one computation. For a (clip, head) and an output index p, let
     z = scale · (S_p − S_{p+Δ})    and  x = |z|     (PAIRED: AM flow, p = 0 … T−1−Δ)
     z = scale · S_p                and  x = z       (not PAIRED: attention colsum, p = frame)
 
-with S_t = Q_t K_tᵀ. The op returns out[p, j] = Σ_i softmax_j(x)[i, j]. The kernels work in
-the log2 domain (x₂ = x·log2 e, exp2 instead of exp) and save lse[p, i] = log2 Σ_j 2^{x₂[i, j]}
-in fp32: the only state kept between the forward and the backward (O(B·T·H·N)). No N×N tile
-ever leaves the chip.
+with S_t = Q_t K_tᵀ. The op returns out[p, j] = Σ_i softmax_j(x)[i, j]. Scores stay in natural
+units, as PyTorch forms them; exponentials are 2^{(x − m_i)·log2 e} with the row max m_i
+subtracted first, so nothing is rounded at the magnitude of the scores (which reaches the
+thousands in real fp16 ViTs). The state kept for the backward is two fp32 row statistics,
+stats[p, i] = (m_i, l_i) with l_i = log2 Σ_j 2^{(x_ij − m_i)·log2 e}: O(B·T·H·N), and no N×N
+tile ever leaves the chip.
 
 Backward, with P = softmax_j(x), g = ∂L/∂out and c_i = Σ_j P_ij g_j:
 
@@ -23,10 +25,11 @@ Kernels (every program owns disjoint outputs, so nothing uses atomics and every 
 bitwise reproducible):
 - ``colsum_fwd_resident_kernel``: a program owns one (b, p, h) and loops over row blocks
   with whole rows on chip (N ≤ 512): one exp per score, exact row softmax, no second pass.
-- ``colsum_fwd_lse_kernel`` then ``colsum_fwd_cols_kernel``: any N. Row statistics with an
+- ``colsum_fwd_stats_kernel`` then ``colsum_fwd_cols_kernel``: any N. Row statistics with an
   online max, then a program per column block sums P over row blocks (same tiles, so the
   recomputed scores agree bit for bit).
-- ``colsum_bwd_rowdot_kernel`` (c), ``colsum_bwd_dq_kernel`` and ``colsum_bwd_dk_kernel``.
+- ``colsum_bwd_rowdot_kernel`` (c and the backward's row normaliser), then
+  ``colsum_bwd_dq_kernel`` and ``colsum_bwd_dk_kernel`` on the same tiles.
 """
 
 from __future__ import annotations
@@ -38,20 +41,26 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = math.log2(math.e)
+LOG2E = tl.constexpr(math.log2(math.e))
 MAX_HEAD_DIM = 256
-# The resident forward keeps BLOCK_N (all columns) × BLOCK_D of two frames' keys in shared
-# memory and two BLOCK_M × BLOCK_N fp32 score tiles in registers.
+# The resident forward keeps BLOCK_N (all columns) × BLOCK_D keys of two frames on chip
+# (at most 64 KiB each) and two BLOCK_M × BLOCK_N fp32 score tiles in registers.
 RESIDENT_MAX_BLOCK_N = 512
-RESIDENT_MAX_KEY_TILE = 512 * 64
+RESIDENT_MAX_KEY_TILE_BYTES = 64 * 1024
+# Blocked kernels: the dq/dk kernels hold three frames' q (or k) tiles and load three more
+# per step; max(BLOCK_M, BLOCK_N) · BLOCK_D is capped so that fits shared memory. They run
+# with the config tuned for the rowdot kernel (the same tiles, so the same recomputed
+# scores), outside the autotuner that would skip a config that does not fit.
+BLOCKED_MAX_TILE = 64 * 128
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs(block_pairs, warps, stages):
-    """Autotune candidates; one fixed config under the interpreter, where timing means nothing."""
+    """Autotune candidates, largest tiles first and smallest last. Under the interpreter,
+    where timing means nothing, only the first and the last (for large head dims)."""
     if _INTERPRET:
-        block_pairs, warps, stages = block_pairs[:1], warps[:1], stages[:1]
+        block_pairs, warps, stages = [block_pairs[0], block_pairs[-1]], warps[:1], stages[:1]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn in block_pairs
@@ -63,15 +72,17 @@ def _configs(block_pairs, warps, stages):
 def _fit_head_dim(configs, named_args, **kwargs):
     """Drop tiles whose q and k blocks would overflow shared memory at large head dims."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    limit = 64 * 128 if block_d > 128 else 128 * 128
-    kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= limit]
-    return kept or configs[-1:]
+    fits = [
+        c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= BLOCKED_MAX_TILE
+    ]
+    # Under the interpreter the first config is the only one timed: take the largest that fits.
+    return fits[:1] if _INTERPRET else fits
 
 
 def _blocked_autotune():
     """The autotune arguments shared by the blocked (any-N) kernels."""
     return dict(
-        configs=_configs([(64, 64), (128, 64), (64, 128), (32, 64), (32, 32)], [4, 8], [2, 3]),
+        configs=_configs([(64, 64), (128, 64), (64, 128), (32, 64), (32, 32)], [4, 8], [1, 2]),
         key=["N", "BLOCK_D", "PAIRED"],
         prune_configs_by={"early_config_prune": _fit_head_dim},
     )
@@ -106,16 +117,36 @@ def _load_tile(base, idx, idx_mask, stride_n, dims, dim_mask, stride_d):
 
 @triton.jit
 def _logits(z, col_mask, PAIRED: tl.constexpr):
-    """x₂ = |z| (PAIRED) or z, set to −inf on columns past N."""
+    """x = |z| (PAIRED) or z, set to −inf on columns past N."""
     if PAIRED:
         z = tl.abs(z)
     return tl.where(col_mask[None, :], z, float("-inf"))
 
 
 @triton.jit
-def _dscores(z, lse, c, g, row_mask, col_mask, PAIRED: tl.constexpr):
-    """∂L/∂z (natural units) of one tile: sign(z)·P·(g_j − c_i), zero outside N × N."""
-    prob = tl.exp2(_logits(z, col_mask, PAIRED) - lse[:, None])
+def _probs(x, row_max, row_log2sum):
+    """P_ij = 2^{(x_ij − m_i)·log2 e − l_i} from the saved row statistics."""
+    return tl.exp2((x - row_max[:, None]) * LOG2E - row_log2sum[:, None])
+
+
+@triton.jit
+def _load_stats(STATS, base, rows, row_mask):
+    """(m, l) of ``rows`` from a (…, N, 2) fp32 stats tensor; (0, 0) past N."""
+    ptrs = STATS + 2 * (base + rows)
+    return tl.load(ptrs, mask=row_mask, other=0.0), tl.load(ptrs + 1, mask=row_mask, other=0.0)
+
+
+@triton.jit
+def _store_stats(STATS, base, rows, row_mask, row_max, row_log2sum):
+    ptrs = STATS + 2 * (base + rows)
+    tl.store(ptrs, row_max, mask=row_mask)
+    tl.store(ptrs + 1, row_log2sum, mask=row_mask)
+
+
+@triton.jit
+def _dscores(z, row_max, row_log2sum, c, g, row_mask, col_mask, PAIRED: tl.constexpr):
+    """∂L/∂z of one tile: sign(z)·P·(g_j − c_i), zero outside N × N."""
+    prob = _probs(_logits(z, col_mask, PAIRED), row_max, row_log2sum)
     ds = prob * (g[None, :] - c[:, None])
     if PAIRED:
         ds = tl.where(z > 0, ds, tl.where(z < 0, -ds, 0.0))
@@ -134,17 +165,17 @@ def _dscores(z, lse, c, g, row_mask, col_mask, PAIRED: tl.constexpr):
 )
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_fwd_resident_kernel(
-    Q, K, OUT, LSE,
+    Q, K, OUT, STATS,
     stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
-    H, P, N, D, offset, qk_scale,
+    H, P, N, D, offset, scale,
     PAIRED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[b, p, h, :] = Σ_i softmax_j(x)[i, :] for one (b, p, h), all N columns on chip.
 
-    Grid: (B·P·H,). Each row block's scores z = qk_scale·(Q_p K_pᵀ − Q_{p+Δ} K_{p+Δ}ᵀ)
-    (or qk_scale·Q_p K_pᵀ) span every column, so the row softmax is exact in one pass;
+    Grid: (B·P·H,). Each row block's scores z = scale·(Q_p K_pᵀ − Q_{p+Δ} K_{p+Δ}ᵀ)
+    (or scale·Q_p K_pᵀ) span every column, so the row softmax is exact in one pass;
     its column sums accumulate in registers across row blocks.
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -171,29 +202,30 @@ def colsum_fwd_resident_kernel(
             q = _load_tile(q_b, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
             k = _load_tile(k_b, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
             s -= tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        x = _logits(s * qk_scale, col_mask, PAIRED)
+        x = _logits(s * scale, col_mask, PAIRED)
         row_max = tl.max(x, 1)
-        e = tl.exp2(x - row_max[:, None])
+        e = tl.exp2((x - row_max[:, None]) * LOG2E)
         row_sum = tl.sum(e, 1)
         prob = e * (1.0 / row_sum)[:, None]
         colsum += tl.sum(tl.where(row_mask[:, None], prob, 0.0), 0)
-        tl.store(LSE + pid * N + rows, row_max + tl.log2(row_sum), mask=row_mask)
+        _store_stats(STATS, pid * N, rows, row_mask, row_max, tl.log2(row_sum))
     tl.store(OUT + pid * N + cols, colsum.to(OUT.dtype.element_ty), mask=col_mask)
 
 
 @triton.autotune(**_blocked_autotune())
 @triton.jit(do_not_specialize=["N", "offset"])
-def colsum_fwd_lse_kernel(
-    Q, K, LSE,
+def colsum_fwd_stats_kernel(
+    Q, K, STATS,
     stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
-    H, P, N, D, offset, qk_scale,
+    H, P, N, D, offset, scale,
     PAIRED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """lse[b, p, h, i] = log2 Σ_j 2^{x₂[i, j]} for a row block, online over column blocks.
+    """stats[b, p, h, i] = (m_i, log2 Σ_j 2^{(x_ij − m_i)·log2 e}) for a row block.
 
-    Grid: (B·P·H, ⌈N / BLOCK_M⌉). Running max m and sum l: l ← l·2^{m−m'} + Σ_j 2^{x₂−m'}.
+    Grid: (B·P·H, ⌈N / BLOCK_M⌉). Online over column blocks with a running max m and sum
+    s: s ← s·2^{(m − m')·log2 e} + Σ_j 2^{(x_ij − m')·log2 e}.
     """
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
@@ -222,26 +254,28 @@ def colsum_fwd_lse_kernel(
         if PAIRED:
             k = _load_tile(k_b, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
             s -= tl.dot(qb, tl.trans(k), input_precision=PRECISION)
-        x = _logits(s * qk_scale, col_mask, PAIRED)
+        x = _logits(s * scale, col_mask, PAIRED)
         new_max = tl.maximum(row_max, tl.max(x, 1))
-        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(x - new_max[:, None]), 1)
+        row_sum = row_sum * tl.exp2((row_max - new_max) * LOG2E) + tl.sum(
+            tl.exp2((x - new_max[:, None]) * LOG2E), 1
+        )
         row_max = new_max
-    tl.store(LSE + pid * N + rows, row_max + tl.log2(row_sum), mask=row_mask)
+    _store_stats(STATS, pid * N, rows, row_mask, row_max, tl.log2(row_sum))
 
 
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_fwd_cols_kernel(
-    Q, K, LSE, OUT,
+    Q, K, STATS, OUT,
     stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
-    H, P, N, D, offset, qk_scale,
+    H, P, N, D, offset, scale,
     PAIRED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[b, p, h, j] = Σ_i 2^{x₂[i, j] − lse[i]} for a column block, over row blocks.
+    """out[b, p, h, j] = Σ_i P_ij for a column block, over row blocks, from the saved stats.
 
     Grid: (B·P·H, ⌈N / BLOCK_N⌉). The program owns its columns: a deterministic reduction.
-    Launched with the tile config the lse kernel was tuned to, so both passes recompute
+    Launched with the tile config the stats kernel was tuned to, so both passes recompute
     bitwise-identical scores and every row of P sums to 1 even when |S| is large.
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -270,9 +304,8 @@ def colsum_fwd_cols_kernel(
         if PAIRED:
             q = _load_tile(q_b, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
             s -= tl.dot(q, tl.trans(kb), input_precision=PRECISION)
-        x = _logits(s * qk_scale, col_mask, PAIRED)
-        lse = tl.load(LSE + pid * N + rows, mask=row_mask, other=0.0)
-        prob = tl.exp2(x - lse[:, None])
+        row_max, row_log2sum = _load_stats(STATS, pid * N, rows, row_mask)
+        prob = _probs(_logits(s * scale, col_mask, PAIRED), row_max, row_log2sum)
         colsum += tl.sum(tl.where(row_mask[:, None], prob, 0.0), 0)
     tl.store(OUT + pid * N + cols, colsum.to(OUT.dtype.element_ty), mask=col_mask)
 
@@ -285,19 +318,21 @@ def colsum_fwd_cols_kernel(
 @triton.autotune(**_blocked_autotune())
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_bwd_rowdot_kernel(
-    Q, K, LSE, GRAD, C,
+    Q, K, STATS, GRAD, C, STATS_BWD,
     stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
-    H, P, N, D, offset, qk_scale,
+    H, P, N, D, offset, scale,
     PAIRED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """c[b, p, h, i] = Σ_j P_ij g_j / Σ_j P_ij, the softmax-backward row term, for a row block.
 
-    Grid: (B·P·H, ⌈N / BLOCK_M⌉). P is recomputed from the saved lse. Dividing by the
-    recomputed row mass (1 in exact arithmetic) makes c a true weighted mean of g: when a
-    row is nearly one-hot, g_j − c_i cancels, and a row mass off by the rounding of large
-    recomputed scores (|S| in the thousands) would otherwise swamp the gradient.
+    Grid: (B·P·H, ⌈N / BLOCK_M⌉). P is recomputed from the forward's stats; its row mass
+    Σ_j P_ij is 1 only up to the rounding of recomputed scores, which differ from the
+    forward's by ulps of |S| (thousands in real ViTs). Nearly one-hot rows make g_j − c_i
+    cancel and would let that error swamp the gradient, so c is divided by the mass, and
+    stats_bwd = (m, l + log2 mass) is what the dq/dk kernels (launched with these tiles, so
+    recomputing the same scores) normalise by.
     """
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
@@ -316,7 +351,7 @@ def colsum_bwd_rowdot_kernel(
     qb = qa
     if PAIRED:
         qb = _load_tile(q_b, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
-    lse = tl.load(LSE + pid * N + rows, mask=row_mask, other=0.0)
+    row_max, row_log2sum = _load_stats(STATS, pid * N, rows, row_mask)
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
@@ -327,50 +362,54 @@ def colsum_bwd_rowdot_kernel(
         if PAIRED:
             k = _load_tile(k_b, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
             s -= tl.dot(qb, tl.trans(k), input_precision=PRECISION)
-        prob = tl.exp2(_logits(s * qk_scale, col_mask, PAIRED) - lse[:, None])
+        prob = _probs(_logits(s * scale, col_mask, PAIRED), row_max, row_log2sum)
         g = tl.load(GRAD + pid * N + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc += tl.sum(tl.where(col_mask[None, :], prob * g[None, :], 0.0), 1)
         mass += tl.sum(prob, 1)
     tl.store(C + pid * N + rows, acc / mass, mask=row_mask)
+    _store_stats(STATS_BWD, pid * N, rows, row_mask, row_max, row_log2sum + tl.log2(mass))
+
+
+@triton.jit
+def _pair_dscores(z, base, STATS, C, GRAD, rows, row_mask, cols, col_mask, PAIRED: tl.constexpr):
+    """∂L/∂z of the (b, p, h) whose stats, c and g rows start at ``base``."""
+    row_max, row_log2sum = _load_stats(STATS, base, rows, row_mask)
+    c = tl.load(C + base + rows, mask=row_mask, other=0.0)
+    g = tl.load(GRAD + base + cols, mask=col_mask, other=0.0).to(tl.float32)
+    return _dscores(z, row_max, row_log2sum, c, g, row_mask, col_mask, PAIRED)
 
 
 @triton.jit
 def _frame_dscores(
-    s_prev, s_cur, s_next, t, P, offset, stat_prev, stat_cur, LSE, C, GRAD,
-    rows, row_mask, cols, col_mask, qk_scale, PAIRED: tl.constexpr,
+    s_prev, s_cur, s_next, t, P, offset, stat_prev, stat_cur, STATS, C, GRAD,
+    rows, row_mask, cols, col_mask, scale, PAIRED: tl.constexpr,
 ):
     """E_t tile = ∂L/∂z^(t) − ∂L/∂z^(t−Δ), from the score tiles of frames t−Δ, t, t+Δ.
 
-    ``stat_cur``/``stat_prev`` index the (b, p, h) rows of lse, c and g for pairs t and t−Δ.
+    ``stat_cur``/``stat_prev`` index the (b, p, h) rows of stats, c and g for pairs t and t−Δ.
     Not PAIRED: E_t = ∂L/∂z^(t), the plain softmax-colsum score gradient.
     """
-    e = tl.zeros(s_cur.shape, dtype=tl.float32)
     if PAIRED:
+        e = tl.zeros(s_cur.shape, dtype=tl.float32)
         if t < P:
-            lse = tl.load(LSE + stat_cur + rows, mask=row_mask, other=0.0)
-            c = tl.load(C + stat_cur + rows, mask=row_mask, other=0.0)
-            g = tl.load(GRAD + stat_cur + cols, mask=col_mask, other=0.0).to(tl.float32)
-            e += _dscores((s_cur - s_next) * qk_scale, lse, c, g, row_mask, col_mask, True)
+            e += _pair_dscores(
+                (s_cur - s_next) * scale, stat_cur, STATS, C, GRAD, rows, row_mask, cols, col_mask, True
+            )
         if t >= offset:
-            lse = tl.load(LSE + stat_prev + rows, mask=row_mask, other=0.0)
-            c = tl.load(C + stat_prev + rows, mask=row_mask, other=0.0)
-            g = tl.load(GRAD + stat_prev + cols, mask=col_mask, other=0.0).to(tl.float32)
-            e -= _dscores((s_prev - s_cur) * qk_scale, lse, c, g, row_mask, col_mask, True)
+            e -= _pair_dscores(
+                (s_prev - s_cur) * scale, stat_prev, STATS, C, GRAD, rows, row_mask, cols, col_mask, True
+            )
     else:
-        lse = tl.load(LSE + stat_cur + rows, mask=row_mask, other=0.0)
-        c = tl.load(C + stat_cur + rows, mask=row_mask, other=0.0)
-        g = tl.load(GRAD + stat_cur + cols, mask=col_mask, other=0.0).to(tl.float32)
-        e += _dscores(s_cur * qk_scale, lse, c, g, row_mask, col_mask, False)
+        e = _pair_dscores(s_cur * scale, stat_cur, STATS, C, GRAD, rows, row_mask, cols, col_mask, False)
     return e
 
 
-@triton.autotune(**_blocked_autotune())
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_bwd_dq_kernel(
-    Q, K, LSE, GRAD, C, DQ,
+    Q, K, STATS, GRAD, C, DQ,
     stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
-    H, T, P, N, D, offset, qk_scale, scale,
+    H, T, P, N, D, offset, scale,
     PAIRED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -415,21 +454,20 @@ def colsum_bwd_dq_kernel(
                 k = _load_tile(k_t + offset * stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
                 s_next = tl.dot(q_next, tl.trans(k), input_precision=PRECISION)
         e = _frame_dscores(
-            s_prev, s_cur, s_next, t, P, offset, stat_prev, stat_cur, LSE, C, GRAD,
-            rows, row_mask, cols, col_mask, qk_scale, PAIRED,
+            s_prev, s_cur, s_next, t, P, offset, stat_prev, stat_cur, STATS, C, GRAD,
+            rows, row_mask, cols, col_mask, scale, PAIRED,
         )
         acc += tl.dot(e.to(k_cur.dtype), k_cur, input_precision=PRECISION)
     dq = DQ + pid * N * D + rows.to(tl.int64)[:, None] * D + dims[None, :]
     tl.store(dq, (acc * scale).to(DQ.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
-@triton.autotune(**_blocked_autotune())
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_bwd_dk_kernel(
-    Q, K, LSE, GRAD, C, DK,
+    Q, K, STATS, GRAD, C, DK,
     stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
-    H, T, P, N, D, offset, qk_scale, scale,
+    H, T, P, N, D, offset, scale,
     PAIRED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -474,8 +512,8 @@ def colsum_bwd_dk_kernel(
                 q = _load_tile(q_t + offset * stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
                 s_next = tl.dot(q, tl.trans(k_next), input_precision=PRECISION)
         e = _frame_dscores(
-            s_prev, s_cur, s_next, t, P, offset, stat_prev, stat_cur, LSE, C, GRAD,
-            rows, row_mask, cols, col_mask, qk_scale, PAIRED,
+            s_prev, s_cur, s_next, t, P, offset, stat_prev, stat_cur, STATS, C, GRAD,
+            rows, row_mask, cols, col_mask, scale, PAIRED,
         )
         acc += tl.dot(tl.trans(e).to(q_cur.dtype), q_cur, input_precision=PRECISION)
     dk = DK + pid * N * D + cols.to(tl.int64)[:, None] * D + dims[None, :]
@@ -499,16 +537,17 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def resident_fits(n: int, head_dim: int) -> bool:
+def resident_fits(n: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether whole score rows of an (N, D) problem fit on chip for the one-pass forward."""
     block_n = max(16, triton.next_power_of_2(n))
-    return block_n <= RESIDENT_MAX_BLOCK_N and block_n * _block_d(head_dim) <= RESIDENT_MAX_KEY_TILE
+    key_tile_bytes = block_n * _block_d(head_dim) * dtype.itemsize
+    return block_n <= RESIDENT_MAX_BLOCK_N and key_tile_bytes <= RESIDENT_MAX_KEY_TILE_BYTES
 
 
 def _prefer_resident(q: torch.Tensor, programs: int) -> bool:
     """One-pass forward when it fits and its B·P·H programs fill the GPU; else two passes."""
     _, _, _, n, d = q.shape
-    if not resident_fits(n, d):
+    if not resident_fits(n, d, q.dtype):
         return False
     if q.device.type != "cuda":
         return True
@@ -519,7 +558,7 @@ def _shape_args(q, k, offset, scale, paired):
     """The keyword arguments every kernel takes after its strides."""
     _, _, h, n, d = q.shape
     return dict(
-        H=h, N=n, D=d, offset=offset if paired else 0, qk_scale=scale * LOG2E,
+        H=h, N=n, D=d, offset=offset if paired else 0, scale=scale,
         PAIRED=paired, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d),
     )
 
@@ -530,47 +569,48 @@ def colsum_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of both ops on (B, T, H, N, D) q, k of any strides.
 
-    Returns ``out`` (B, P, H, N) in q's dtype and ``lse`` (B, P, H, N) fp32 (log2 domain),
-    P = T − offset if ``paired`` else T. ``resident`` forces (True) or forbids (False) the
-    one-pass kernel; None chooses by shape.
+    Returns ``out`` (B, P, H, N) in q's dtype and the row statistics ``stats`` (B, P, H, N, 2)
+    fp32, P = T − offset if ``paired`` else T. ``resident`` forces (True) or forbids (False)
+    the one-pass kernel; None chooses by shape.
     """
     b, t, h, n, _ = q.shape
     p = t - offset if paired else t
     out = torch.empty((b, p, h, n), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, p, h, n), dtype=torch.float32, device=q.device)
+    stats = torch.empty((b, p, h, n, 2), dtype=torch.float32, device=q.device)
     programs = b * p * h
     if programs == 0:
-        return out, lse
+        return out, stats
     strides = (*q.stride(), *k.stride())
     c = _shape_args(q, k, offset, scale, paired)
     if resident is None:
         resident = _prefer_resident(q, programs)
     if resident:
         block_n = max(16, triton.next_power_of_2(n))
-        colsum_fwd_resident_kernel[(programs,)](q, k, out, lse, *strides, P=p, BLOCK_N=block_n, **c)
-        return out, lse
-    colsum_fwd_lse_kernel[lambda meta: (programs, triton.cdiv(n, meta["BLOCK_M"]))](
-        q, k, lse, *strides, P=p, **c
+        colsum_fwd_resident_kernel[(programs,)](q, k, out, stats, *strides, P=p, BLOCK_N=block_n, **c)
+        return out, stats
+    colsum_fwd_stats_kernel[lambda meta: (programs, triton.cdiv(n, meta["BLOCK_M"]))](
+        q, k, stats, *strides, P=p, **c
     )
-    tuned = colsum_fwd_lse_kernel.best_config
+    tuned = colsum_fwd_stats_kernel.best_config
     colsum_fwd_cols_kernel[(programs, triton.cdiv(n, tuned.kwargs["BLOCK_N"]))](
-        q, k, lse, out, *strides, P=p, **c, **tuned.kwargs,
+        q, k, stats, out, *strides, P=p, **c, **tuned.kwargs,
         num_warps=tuned.num_warps, num_stages=tuned.num_stages,
     )
-    return out, lse
+    return out, stats
 
 
 def colsum_bwd(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *,
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor, *,
     offset: int, paired: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of :func:`colsum_fwd`: (dq, dk), contiguous (B, T, H, N, D) in q's dtype."""
     b, t, h, n, _ = q.shape
-    p = lse.shape[1]
+    p = stats.shape[1]
     grad = grad.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    rowdot = torch.empty_like(lse)
+    rowdot = torch.empty(stats.shape[:-1], dtype=torch.float32, device=q.device)
+    stats_bwd = torch.empty_like(stats)
     if b * p * h == 0:
         return dq.zero_(), dk.zero_()
     strides = (*q.stride(), *k.stride())
@@ -578,12 +618,14 @@ def colsum_bwd(
     pairs = b * p * h
     frames = b * t * h
     colsum_bwd_rowdot_kernel[lambda meta: (pairs, triton.cdiv(n, meta["BLOCK_M"]))](
-        q, k, lse, grad, rowdot, *strides, P=p, **c
+        q, k, stats, grad, rowdot, stats_bwd, *strides, P=p, **c
     )
-    colsum_bwd_dq_kernel[lambda meta: (frames, triton.cdiv(n, meta["BLOCK_M"]))](
-        q, k, lse, grad, rowdot, dq, *strides, T=t, P=p, scale=scale, **c
+    tuned = colsum_bwd_rowdot_kernel.best_config
+    launch = dict(**c, **tuned.kwargs, num_warps=tuned.num_warps, num_stages=tuned.num_stages)
+    colsum_bwd_dq_kernel[(frames, triton.cdiv(n, tuned.kwargs["BLOCK_M"]))](
+        q, k, stats_bwd, grad, rowdot, dq, *strides, T=t, P=p, **launch
     )
-    colsum_bwd_dk_kernel[lambda meta: (frames, triton.cdiv(n, meta["BLOCK_N"]))](
-        q, k, lse, grad, rowdot, dk, *strides, T=t, P=p, scale=scale, **c
+    colsum_bwd_dk_kernel[(frames, triton.cdiv(n, tuned.kwargs["BLOCK_N"]))](
+        q, k, stats_bwd, grad, rowdot, dk, *strides, T=t, P=p, **launch
     )
     return dq, dk
