@@ -20,6 +20,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers import require_triton  # noqa: E402  (after TRITON_INTERPRET is set)
+
 SESSION_SEED = int(os.environ.get("AMFLOW_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
@@ -43,18 +45,6 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
 def _nan_poisoned_allocations(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: _poison(_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _poison(_empty_like(*a, **kw)))
-
-
-def require_triton(device: str) -> None:
-    """Skip, with the dispatcher's reason, where the Triton backend cannot run on ``device``:
-    CUDA without a GPU, or CPU when a GPU is present (the interpreter is then off)."""
-    from amflow_kernels._dispatch import backend_report
-
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device; none is present on this machine")
-    why = backend_report(device)["triton"]
-    if why is not None:
-        pytest.skip(f"the triton backend cannot run on {device}: {why}")
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 # Relative RMS error ‖fused − ref‖ / ‖ref‖ against the float64 reference computed from the
@@ -88,3 +89,15 @@ def assert_as_accurate_as_pytorch(name: str, fused, ref64, ref_same_dtype, ref_r
         f"{name}: relative RMS error {err:.3g} exceeds twice {floor:.3g}, the larger of "
         f"PyTorch's error in {fused.dtype} and that of scores rounded to it (+ {rounding:.3g})"
     )
+
+
+def require_triton(device: str) -> None:
+    """Skip, with the dispatcher's reason, where the Triton backend cannot run on ``device``:
+    CUDA without a GPU, or CPU when a GPU is present (the interpreter is then off)."""
+    from amflow_kernels._dispatch import backend_report
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; none is present on this machine")
+    why = backend_report(device)["triton"]
+    if why is not None:
+        pytest.skip(f"the triton backend cannot run on {device}: {why}")

@@ -6,8 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import require_triton
-from helpers import LAYOUTS, as_float64_leaves, assert_as_accurate_as_pytorch, assert_close, make_qk, round_scores
+from helpers import require_triton, LAYOUTS, as_float64_leaves, assert_as_accurate_as_pytorch, assert_close, make_qk, round_scores
 
 import amflow_kernels
 from amflow_kernels import reference

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import require_triton
-from helpers import as_float64_leaves, assert_as_accurate_as_pytorch, assert_close, round_scores
+from helpers import require_triton, as_float64_leaves, assert_as_accurate_as_pytorch, assert_close, round_scores
 
 import amflow_kernels
 from amflow_kernels import reference
