@@ -380,22 +380,43 @@ def _pair_dscores(z, base, STATS, C, GRAD, rows, row_mask, cols, col_mask, PAIRE
 
 
 @triton.jit
-def _frame_dscores(
-    s_prev, s_cur, s_next, t, P, offset, stat_prev, stat_cur, STATS, C, GRAD,
-    rows, row_mask, cols, col_mask, scale, PAIRED: tl.constexpr,
-):
-    """E_t tile = ∂L/∂z^(t) − ∂L/∂z^(t−Δ), from the score tiles of frames t−Δ, t, t+Δ.
+def _frame_tiles(base, stride_t, idx, idx_mask, stride_n, dims, dim_mask, stride_d, t, P, offset,
+                 PAIRED: tl.constexpr):
+    """Tiles of frames t−Δ, t and t+Δ (the frames paired with t); ``cur`` stands in for a
+    frame that does not exist (its pair is skipped by ``_frame_dscores``)."""
+    cur = _load_tile(base, idx, idx_mask, stride_n, dims, dim_mask, stride_d)
+    prev = cur
+    succ = cur
+    if PAIRED:
+        if t >= offset:
+            prev = _load_tile(base - offset * stride_t, idx, idx_mask, stride_n, dims, dim_mask, stride_d)
+        if t < P:
+            succ = _load_tile(base + offset * stride_t, idx, idx_mask, stride_n, dims, dim_mask, stride_d)
+    return prev, cur, succ
 
-    ``stat_cur``/``stat_prev`` index the (b, p, h) rows of stats, c and g for pairs t and t−Δ.
-    Not PAIRED: E_t = ∂L/∂z^(t), the plain softmax-colsum score gradient.
+
+@triton.jit
+def _frame_dscores(
+    q_prev, q_cur, q_next, k_prev, k_cur, k_next, t, P, offset, stat_prev, stat_cur,
+    STATS, C, GRAD, rows, row_mask, cols, col_mask, scale,
+    PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """E_t tile = ∂L/∂z^(t) − ∂L/∂z^(t−Δ) of frame t (rows × cols), scores recomputed.
+
+    S_t is formed once for both pairs. ``stat_cur``/``stat_prev`` index the (b, p, h) rows
+    of stats, c and g for pairs t and t−Δ. Not PAIRED: E_t = ∂L/∂z^(t), the plain
+    softmax-colsum score gradient.
     """
+    s_cur = tl.dot(q_cur, tl.trans(k_cur), input_precision=PRECISION)
     if PAIRED:
         e = tl.zeros(s_cur.shape, dtype=tl.float32)
         if t < P:
+            s_next = tl.dot(q_next, tl.trans(k_next), input_precision=PRECISION)
             e += _pair_dscores(
                 (s_cur - s_next) * scale, stat_cur, STATS, C, GRAD, rows, row_mask, cols, col_mask, True
             )
         if t >= offset:
+            s_prev = tl.dot(q_prev, tl.trans(k_prev), input_precision=PRECISION)
             e -= _pair_dscores(
                 (s_prev - s_cur) * scale, stat_prev, STATS, C, GRAD, rows, row_mask, cols, col_mask, True
             )
@@ -430,32 +451,19 @@ def colsum_bwd_dq_kernel(
     row_mask = rows < N
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    q_cur = _load_tile(q_t, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
-    q_prev = q_cur
-    q_next = q_cur
-    if PAIRED:
-        if t >= offset:
-            q_prev = _load_tile(q_t - offset * stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
-        if t < P:
-            q_next = _load_tile(q_t + offset * stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
+    q_prev, q_cur, q_next = _frame_tiles(
+        q_t, stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd, t, P, offset, PAIRED
+    )
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        k_cur = _load_tile(k_t, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
-        s_cur = tl.dot(q_cur, tl.trans(k_cur), input_precision=PRECISION)
-        s_prev = s_cur
-        s_next = s_cur
-        if PAIRED:
-            if t >= offset:
-                k = _load_tile(k_t - offset * stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
-                s_prev = tl.dot(q_prev, tl.trans(k), input_precision=PRECISION)
-            if t < P:
-                k = _load_tile(k_t + offset * stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
-                s_next = tl.dot(q_next, tl.trans(k), input_precision=PRECISION)
+        k_prev, k_cur, k_next = _frame_tiles(
+            k_t, stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd, t, P, offset, PAIRED
+        )
         e = _frame_dscores(
-            s_prev, s_cur, s_next, t, P, offset, stat_prev, stat_cur, STATS, C, GRAD,
-            rows, row_mask, cols, col_mask, scale, PAIRED,
+            q_prev, q_cur, q_next, k_prev, k_cur, k_next, t, P, offset, stat_prev, stat_cur,
+            STATS, C, GRAD, rows, row_mask, cols, col_mask, scale, PAIRED, PRECISION,
         )
         acc += tl.dot(e.to(k_cur.dtype), k_cur, input_precision=PRECISION)
     dq = DQ + pid * N * D + rows.to(tl.int64)[:, None] * D + dims[None, :]
@@ -488,32 +496,19 @@ def colsum_bwd_dk_kernel(
     col_mask = cols < N
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    k_cur = _load_tile(k_t, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
-    k_prev = k_cur
-    k_next = k_cur
-    if PAIRED:
-        if t >= offset:
-            k_prev = _load_tile(k_t - offset * stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
-        if t < P:
-            k_next = _load_tile(k_t + offset * stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
+    k_prev, k_cur, k_next = _frame_tiles(
+        k_t, stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd, t, P, offset, PAIRED
+    )
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < N
-        q_cur = _load_tile(q_t, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
-        s_cur = tl.dot(q_cur, tl.trans(k_cur), input_precision=PRECISION)
-        s_prev = s_cur
-        s_next = s_cur
-        if PAIRED:
-            if t >= offset:
-                q = _load_tile(q_t - offset * stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
-                s_prev = tl.dot(q, tl.trans(k_prev), input_precision=PRECISION)
-            if t < P:
-                q = _load_tile(q_t + offset * stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
-                s_next = tl.dot(q, tl.trans(k_next), input_precision=PRECISION)
+        q_prev, q_cur, q_next = _frame_tiles(
+            q_t, stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd, t, P, offset, PAIRED
+        )
         e = _frame_dscores(
-            s_prev, s_cur, s_next, t, P, offset, stat_prev, stat_cur, STATS, C, GRAD,
-            rows, row_mask, cols, col_mask, scale, PAIRED,
+            q_prev, q_cur, q_next, k_prev, k_cur, k_next, t, P, offset, stat_prev, stat_cur,
+            STATS, C, GRAD, rows, row_mask, cols, col_mask, scale, PAIRED, PRECISION,
         )
         acc += tl.dot(tl.trans(e).to(q_cur.dtype), q_cur, input_precision=PRECISION)
     dk = DK + pid * N * D + cols.to(tl.int64)[:, None] * D + dims[None, :]
