@@ -1,14 +1,96 @@
-"""Build and install amflow_kernels (and, from the model-package issue on, python/amflow_models).
+"""Build and install amflow_kernels with its compiled extension (amflow_kernels._C).
 
-``pip install .`` installs the Python package; the Triton and reference backends need no
-compilation. The compiled extension (csrc/) is added by the next issue.
+``pip install .`` builds the extension from csrc/: CUDA and CPU kernels when a CUDA toolkit
+is found, CPU kernels alone otherwise. Environment:
+
+- ``AMFLOW_BUILD_EXTENSION``: ``auto`` (default; a failed build warns and installs the package
+  without the extension, whose absence ``python -m amflow_kernels`` then explains), ``cuda`` or
+  ``cpu`` (force that build; a failure fails the install), ``none`` (pure Python).
+- ``TORCH_CUDA_ARCH_LIST``: GPU architectures, default ``8.0;9.0`` (A100, H100/H200).
+- ``CUDA_HOME``: the toolkit root; defaults to /usr/local/cuda when its nvcc exists.
+- ``AMFLOW_CPU_AVX2``: ``1`` (default on x86-64) compiles the CPU kernels for AVX2 + FMA.
+- ``MAX_JOBS``: parallel compile jobs (ninja), default from the core count and memory.
 """
 
+from __future__ import annotations
+
+import os
+import platform
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+MODE = os.environ.get("AMFLOW_BUILD_EXTENSION", "auto").lower()
+if MODE not in ("auto", "cuda", "cpu", "none"):
+    sys.exit(f"AMFLOW_BUILD_EXTENSION must be auto, cuda, cpu or none, got {MODE!r}")
+
+
+def _default_cuda_home() -> None:
+    # torch guesses the toolkit root from the nvcc on PATH, which may be a wrapper script.
+    if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+def _max_jobs() -> None:
+    # nvcc takes ~2 GB per job: size the ninja job count to memory as well as cores.
+    if "MAX_JOBS" not in os.environ:
+        try:
+            memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        except (ValueError, OSError):
+            memory_gb = 8
+        os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(memory_gb // 3))))
+
+
+def _cpu_flags() -> list[str]:
+    avx2 = os.environ.get("AMFLOW_CPU_AVX2", "1" if platform.machine() in ("x86_64", "AMD64") else "0")
+    if avx2 == "1":
+        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c", "-mbmi2"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def extension_build():
+    """(ext_modules, cmdclass) for the requested build."""
+    if MODE == "none":
+        return [], {}
+    _default_cuda_home()
+    _max_jobs()
+    from torch.utils import cpp_extension
+
+    use_cuda = MODE == "cuda" or (MODE == "auto" and cpp_extension.CUDA_HOME is not None)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources = ["csrc/amflow.cpp", *sorted(str(p) for p in Path("csrc/cpu").glob("*.cpp"))]
+    cxx = ["-O3", *_cpu_flags()]  # the C++ standard is the one torch requires, set by torch
+    if use_cuda:
+        sources += sorted(str(p) for p in Path("csrc/cuda").glob("*.cu"))
+        nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+        extension = cpp_extension.CUDAExtension(
+            "amflow_kernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}
+        )
+    else:
+        extension = cpp_extension.CppExtension("amflow_kernels._C", sources, extra_compile_args={"cxx": cxx})
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension (ninja); under ``auto`` a failure leaves a pure-Python install."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # compiler errors surface as several exception types
+                if MODE != "auto":
+                    raise
+                print(
+                    f"\nWARNING: amflow_kernels._C failed to build ({error}); installing without the "
+                    "compiled extension (the cuda and cpu backends). Set AMFLOW_BUILD_EXTENSION=cpu "
+                    "or =cuda to make this an error.\n",
+                    file=sys.stderr,
+                )
+
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_build()
 
 setup(
     name="amflow-kernels",
@@ -18,6 +100,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["amflow_kernels", "amflow_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=["torch>=2.6", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "numpy"],

@@ -121,17 +121,19 @@ def _timing() -> None:
     if backend == "reference":
         print("  no fused backend runs here, so there is nothing to compare with the eager reference")
         return
-    if device == "cpu":
+    if backend == "triton" and device == "cpu":
         print("  the Triton interpreter is a correctness tool; its speed means nothing")
         return
-    B, T, H, N, D = 8, 8, 12, 197, 64
-    qkv = torch.randn(B * T, N, 3 * H * D, device=device, dtype=torch.bfloat16)
+    B, T, H, N, D = (8, 8, 12, 197, 64) if device == "cuda" else (1, 8, 12, 197, 64)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    qkv = torch.randn(B * T, N, 3 * H * D, device=device, dtype=dtype)
     q, k, _ = qkv.reshape(B * T, N, 3, H, D).permute(2, 0, 3, 1, 4)
-    fused = _time(lambda: amflow_kernels.am_flow(q, k, num_frames=T, backend=backend), device, 20)
-    eager = _time(lambda: reference.am_flow(q, k, num_frames=T), device, 20)
+    repeats = 20 if device == "cuda" else 5
+    fused = _time(lambda: amflow_kernels.am_flow(q, k, num_frames=T, backend=backend), device, repeats)
+    eager = _time(lambda: reference.am_flow(q, k, num_frames=T), device, repeats)
     print(
-        f"  (B, T, H, N, D) = {(B, T, H, N, D)} bf16, forward: {backend} {fused * 1e3:.3f} ms, "
-        f"eager reference {eager * 1e3:.3f} ms ({eager / fused:.1f}x faster)"
+        f"  (B, T, H, N, D) = {(B, T, H, N, D)} {str(dtype).removeprefix('torch.')}, forward: "
+        f"{backend} {fused * 1e3:.3f} ms, eager reference {eager * 1e3:.3f} ms ({eager / fused:.1f}x faster)"
     )
 
 

@@ -53,6 +53,43 @@ class ReferenceBackend(Backend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class CpuBackend(Backend):
+    """The compiled extension's fused CPU kernels (csrc/cpu)."""
+
+    name = "cpu"
+    dtypes = (torch.float32, torch.float64)
+
+    def unavailable(self, device: torch.device) -> str | None:
+        from .ops import cext
+
+        if cext.EXTENSION_ERROR is not None:
+            return cext.EXTENSION_ERROR
+        if device.type != "cpu":
+            return f"the cpu backend runs CPU tensors, not {device.type}"
+        return None
+
+
+class CudaBackend(Backend):
+    """The compiled extension's fused CUDA kernels (csrc/cuda)."""
+
+    name = "cuda"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    max_head_dim = 256
+
+    def unavailable(self, device: torch.device) -> str | None:
+        from .ops import cext
+
+        if cext.EXTENSION_ERROR is not None:
+            return cext.EXTENSION_ERROR
+        if device.type != "cuda":
+            return f"the cuda backend runs CUDA tensors, not {device.type}"
+        if not cext.has_kernel("cuda"):
+            return "amflow_kernels._C was built without CUDA kernels (no CUDA toolkit at build time)"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+
+
 class TritonBackend(Backend):
     """Fused Triton kernels (amflow_kernels.ops.colsum_triton)."""
 
@@ -75,9 +112,12 @@ class TritonBackend(Backend):
         return f"Triton kernels run on CUDA devices, not {device.type}"
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), TritonBackend())}
-# Fused backends in order of preference, per device type.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton",), "cpu": ("triton",)}
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (ReferenceBackend(), TritonBackend(), CudaBackend(), CpuBackend())
+}
+# Fused backends in order of preference, per device type. On CPU the interpreted Triton
+# kernels are a correctness tool, so the compiled kernels come first.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda"), "cpu": ("cpu", "triton")}
 ACCEPTED = ("auto", *BACKENDS)
 
 

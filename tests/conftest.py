@@ -20,7 +20,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import require_triton  # noqa: E402  (after TRITON_INTERPRET is set)
+from helpers import target_params  # noqa: E402  (after TRITON_INTERPRET is set)
 
 SESSION_SEED = int(os.environ.get("AMFLOW_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
@@ -47,8 +47,9 @@ def _nan_poisoned_allocations(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _poison(_empty_like(*a, **kw)))
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request):
-    """CPU (Triton through its interpreter) and CUDA, each skipped where Triton cannot run."""
-    require_triton(request.param)
-    return torch.device(request.param)
+@pytest.fixture(params=target_params())
+def target(request, monkeypatch):
+    """Each fused backend on each device (Triton twice: resident and blocked forward), skipped
+    with the reason where it cannot run. Returns (backend, device)."""
+    device = request.param.activate(monkeypatch)
+    return request.param.backend, device

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
 # Relative RMS error ‖fused − ref‖ / ‖ref‖ against the float64 reference computed from the
 # same (rounded) inputs. Low-precision outputs are also held to FlashAttention's rule: at
 # most twice the error of the reference formula run by PyTorch in that dtype.
-REL_RMS_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+REL_RMS_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 LAYOUTS = ("contiguous", "frames", "qkv", "strided")
 
@@ -57,7 +59,7 @@ def assert_close(name: str, fused: torch.Tensor, ref64: torch.Tensor, ref_lowp=N
     tol = REL_RMS_TOL[fused.dtype]
     err = rel_rms(fused, ref64)
     assert err <= tol, f"{name}: relative RMS error {err:.3g} exceeds {tol:.3g} ({fused.dtype})"
-    if ref_lowp is not None and fused.dtype != torch.float32:
+    if ref_lowp is not None and fused.dtype in (torch.float16, torch.bfloat16):
         fused_err = (fused.double() - ref64).abs().max().item()
         pytorch_err = (ref_lowp.double() - ref64).abs().max().item()
         rounding = (ref64.to(fused.dtype).double() - ref64).abs().max().item()
@@ -91,13 +93,70 @@ def assert_as_accurate_as_pytorch(name: str, fused, ref64, ref_same_dtype, ref_r
     )
 
 
-def require_triton(device: str) -> None:
-    """Skip, with the dispatcher's reason, where the Triton backend cannot run on ``device``:
-    CUDA without a GPU, or CPU when a GPU is present (the interpreter is then off)."""
+def require_backend(backend: str, device: str) -> None:
+    """Skip, with the dispatcher's reason, where ``backend`` cannot run on ``device``: CUDA
+    without a GPU, Triton on CPU when a GPU is present (the interpreter is then off), the
+    compiled backends when the extension was not built."""
     from amflow_kernels._dispatch import backend_report
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device; none is present on this machine")
-    why = backend_report(device)["triton"]
+    why = backend_report(device)[backend]
     if why is not None:
-        pytest.skip(f"the triton backend cannot run on {device}: {why}")
+        pytest.skip(f"the {backend} backend cannot run on {device}: {why}")
+
+
+class Target(NamedTuple):
+    """A fused backend on a device; for Triton, which forward kernels run (resident/blocked)."""
+
+    backend: str
+    device: str
+    path: str | None = None
+
+    @property
+    def id(self) -> str:
+        return "-".join(filter(None, (self.backend, self.path, self.device)))
+
+    @property
+    def dtypes(self) -> list[torch.dtype]:
+        if self.backend == "cpu":
+            return [torch.float32, torch.float64]
+        if self.device == "cpu":  # bfloat16 tl.dot is wrong in Triton's interpreter
+            return [torch.float32, torch.float16]
+        return [torch.float32, torch.float16, torch.bfloat16]
+
+    def activate(self, monkeypatch) -> torch.device:
+        """Skip where unavailable; pin the Triton forward path; return the device."""
+        require_backend(self.backend, self.device)
+        if self.path is not None:
+            from amflow_kernels.ops import colsum_triton
+
+            resident = self.path == "resident"
+            monkeypatch.setattr(
+                colsum_triton, "_prefer_resident",
+                lambda q, programs: resident and colsum_triton.resident_fits(q.shape[-2], q.shape[-1], q.dtype),
+            )
+        return torch.device(self.device)
+
+
+TARGETS = [
+    Target("triton", "cpu", "resident"),
+    Target("triton", "cpu", "blocked"),
+    Target("cpu", "cpu"),
+    Target("triton", "cuda", "resident"),
+    Target("triton", "cuda", "blocked"),
+    Target("cuda", "cuda"),
+]
+
+
+def target_params(device: str | None = None, with_dtypes: bool = False):
+    """pytest params over TARGETS (on ``device``), each target alone or with each of its dtypes."""
+    marks = lambda t: [pytest.mark.gpu] if t.device == "cuda" else []  # noqa: E731
+    targets = [t for t in TARGETS if device in (None, t.device)]
+    if not with_dtypes:
+        return [pytest.param(t, id=t.id, marks=marks(t)) for t in targets]
+    return [
+        pytest.param(t, dt, id=f"{t.id}-{str(dt).removeprefix('torch.')}", marks=marks(t))
+        for t in targets
+        for dt in t.dtypes
+    ]

@@ -6,12 +6,20 @@ import itertools
 
 import pytest
 import torch
-from helpers import require_triton, LAYOUTS, as_float64_leaves, assert_as_accurate_as_pytorch, assert_close, make_qk, round_scores
+from helpers import (
+    LAYOUTS,
+    as_float64_leaves,
+    assert_as_accurate_as_pytorch,
+    assert_close,
+    make_qk,
+    require_backend,
+    round_scores,
+    target_params,
+)
 
 import amflow_kernels
 from amflow_kernels import reference
 from amflow_kernels.ops import am_flow as am_flow_module
-from amflow_kernels.ops import colsum_triton
 
 # (B, T, H, N, D, offset, layout). The CPU grid runs through Triton's interpreter, so it is
 # a covering subset: every N, D, T, offset and layout of the issue's grid appears, N crosses
@@ -38,30 +46,15 @@ GPU_CASES = [
         ),
     )
 ]
-LOW_PRECISION = [torch.float32, torch.float16]  # bfloat16 tl.dot is wrong in Triton's interpreter
-ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
 def _case_id(case):
     B, T, H, N, D, offset, layout = case
     return f"B{B}-T{T}-H{H}-N{N}-D{D}-off{offset}-{layout}"
 
 
-@pytest.fixture(params=["resident", "blocked"])
-def forward_path(request, monkeypatch):
-    """Run the one-pass (whole rows on chip) or the two-pass forward kernels."""
-    resident = request.param == "resident"
-    monkeypatch.setattr(
-        colsum_triton, "_prefer_resident",
-        lambda q, programs: resident and colsum_triton.resident_fits(q.shape[-2], q.shape[-1], q.dtype),
-    )
-    return request.param
-
-
-def _check_against_reference(case, dtype, device):
+def _check_against_reference(case, backend, dtype, device):
     B, T, H, N, D, offset, layout = case
     q, k, kw = make_qk(layout, B, T, H, N, D, dtype, device)
-    flow = amflow_kernels.am_flow(q, k, offset=offset, backend="triton", **kw)
+    flow = amflow_kernels.am_flow(q, k, offset=offset, backend=backend, **kw)
     grad = torch.randn_like(flow)
     flow.backward(grad)
 
@@ -78,51 +71,53 @@ def _check_against_reference(case, dtype, device):
     assert_close("dk", k.grad, k64.grad, kl.grad)
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("target, dtype", target_params("cpu", with_dtypes=True))
 @pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
-def test_matches_reference_cpu(case, dtype, forward_path):
-    require_triton("cpu")
-    _check_against_reference(case, dtype, torch.device("cpu"))
+def test_matches_reference_cpu(case, target, dtype, monkeypatch):
+    device = target.activate(monkeypatch)
+    _check_against_reference(case, target.backend, dtype, device)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("target, dtype", target_params("cuda", with_dtypes=True))
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
-def test_matches_reference_cuda(case, dtype, forward_path):
-    require_triton("cuda")
-    _check_against_reference(case, dtype, torch.device("cuda"))
+def test_matches_reference_cuda(case, target, dtype, monkeypatch):
+    device = target.activate(monkeypatch)
+    _check_against_reference(case, target.backend, dtype, device)
 
 
-def test_invariants(device):
+def test_invariants(target):
     """flow ≥ 0, Σ_j flow = N, and identical frames give flow ≡ 1."""
+    backend, device = target
     B, T, H, N, D = 2, 4, 3, 37, 32
     q, k, _ = make_qk("contiguous", B, T, H, N, D, torch.float32, device)
-    flow = amflow_kernels.am_flow(q, k, backend="triton")
+    flow = amflow_kernels.am_flow(q, k, backend=backend)
     assert (flow >= 0).all()
     torch.testing.assert_close(flow.sum(-1), torch.full_like(flow[..., 0], N), rtol=1e-5, atol=0)
     still_q = q.detach()[:, :1].expand(B, T, H, N, D)
     still_k = k.detach()[:, :1].expand(B, T, H, N, D)
-    still = amflow_kernels.am_flow(still_q, still_k, backend="triton")
+    still = amflow_kernels.am_flow(still_q, still_k, backend=backend)
     torch.testing.assert_close(still, torch.ones_like(still), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("offset", [1, 3])
-def test_frames_layout_equals_5d(device, offset):
+def test_frames_layout_equals_5d(target, offset):
     """(B·T, H, N, D) with num_frames=T gives the (B, T, H, N, D) answer, bit for bit."""
+    backend, device = target
     q, k, kw = make_qk("qkv", 2, 5, 2, 19, 24, torch.float32, device)
-    flat = amflow_kernels.am_flow(q, k, offset=offset, backend="triton", **kw)
+    flat = amflow_kernels.am_flow(q, k, offset=offset, backend=backend, **kw)
     five = amflow_kernels.am_flow(
-        q.unflatten(0, (2, 5)), k.unflatten(0, (2, 5)), offset=offset, backend="triton"
+        q.unflatten(0, (2, 5)), k.unflatten(0, (2, 5)), offset=offset, backend=backend
     )
     assert torch.equal(flat, five)
 
 
-def test_deterministic(device, forward_path):
+def test_deterministic(target):
+    backend, device = target
     q, k, kw = make_qk("qkv", 2, 3, 2, 70, 32, torch.float32, device)
     runs = []
     for _ in range(2):
         q.grad = k.grad = None
-        flow = amflow_kernels.am_flow(q, k, backend="triton", **kw)
+        flow = amflow_kernels.am_flow(q, k, backend=backend, **kw)
         flow.backward(torch.ones_like(flow).cumsum(-1))
         runs.append((flow, q.grad, k.grad))
     for first, second in zip(*runs):
@@ -130,14 +125,15 @@ def test_deterministic(device, forward_path):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_nan_stays_in_its_slice(device):
+def test_nan_stays_in_its_slice(target):
     """A NaN token poisons exactly the (clip, head) pairs the reference says it does."""
+    backend, device = target
     B, T, H, N, D = 2, 4, 2, 21, 16
     q, k, _ = make_qk("contiguous", B, T, H, N, D, torch.float32, device)
     q, k = q.detach().clone(), k.detach().clone()
     q[1, 2, 0, 5] = float("nan")
     k[0, 0, 1, 3, 7] = float("inf")
-    flow = amflow_kernels.am_flow(q, k, backend="triton")
+    flow = amflow_kernels.am_flow(q, k, backend=backend)
     ref = reference.am_flow(q.double(), k.double())
     assert torch.equal(flow.isnan(), ref.isnan())
     assert ref.isnan().any() and not ref.isnan().all()
@@ -145,13 +141,16 @@ def test_nan_stays_in_its_slice(device):
     torch.testing.assert_close(flow[finite].double(), ref[finite], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_large_scores(device, dtype, forward_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_large_scores(target, dtype):
     """|S| in the thousands (fp16 activations of real ViTs): finite, and as accurate as PyTorch.
 
     Rows of softmax(|d|) are then nearly one-hot and the gradient g_j − c_i cancels, so the
     bound is the data-driven one of ``assert_as_accurate_as_pytorch``.
     """
+    backend, device = target
+    if dtype == torch.float16 and backend == "cpu":
+        pytest.skip("the cpu backend takes float32 and float64, not float16")
     q, k, _ = make_qk("contiguous", 1, 3, 2, 40, 64, torch.float32, device)
     q = (q.detach() * 20).to(dtype).requires_grad_()
     k = (k.detach() * 20).to(dtype).requires_grad_()
@@ -168,17 +167,18 @@ def test_large_scores(device, dtype, forward_path):
     scores = round_scores(scale * qr @ kr.transpose(-1, -2), dtype)
     ref_rounded = (scores[:, :-1] - scores[:, 1:]).abs().softmax(-1).sum(-2)
     ref_rounded.backward(grad)
-    flow = amflow_kernels.am_flow(q, k, backend="triton")
+    flow = amflow_kernels.am_flow(q, k, backend=backend)
     flow.backward(grad.to(dtype))
     assert_as_accurate_as_pytorch("flow", flow, ref, ref_lowp, ref_rounded)
     assert_as_accurate_as_pytorch("dq", q.grad, q64.grad, ql.grad, qr.grad)
     assert_as_accurate_as_pytorch("dk", k.grad, k64.grad, kl.grad, kr.grad)
 
 
-def test_only_one_input_requires_grad(device):
+def test_only_one_input_requires_grad(target):
+    backend, device = target
     q, k, _ = make_qk("contiguous", 1, 3, 1, 9, 16, torch.float32, device)
     k = k.detach()
-    flow = amflow_kernels.am_flow(q, k, backend="triton")
+    flow = amflow_kernels.am_flow(q, k, backend=backend)
     grad = torch.randn_like(flow)
     flow.backward(grad)
     q64 = q.detach().double().requires_grad_()
@@ -187,30 +187,37 @@ def test_only_one_input_requires_grad(device):
     assert_close("dq", q.grad, q64.grad)
 
 
-def test_empty_batch(device):
+def test_empty_batch(target):
+    backend, device = target
     q, k, _ = make_qk("contiguous", 0, 3, 2, 9, 16, torch.float32, device)
-    assert amflow_kernels.am_flow(q, k, backend="triton").shape == (0, 2, 2, 9)
+    flow = amflow_kernels.am_flow(q, k, backend=backend)
+    assert flow.shape == (0, 2, 2, 9)
+    flow.sum().backward()
+    assert q.grad.shape == q.shape
 
 
-def test_opcheck(device):
+def test_opcheck(target):
+    backend, device = target
     q, k, _ = make_qk("qkv", 1, 3, 2, 17, 16, torch.float32, device)
-    q, k = q.unflatten(0, (1, 3)), k.unflatten(0, (1, 3))
+    q, k = q.unflatten(0, (1, 3)).detach(), k.unflatten(0, (1, 3)).detach()
+    if backend == "triton":
+        fwd, bwd, extra = am_flow_module.am_flow_fwd_triton, am_flow_module.am_flow_bwd_triton, (1, 0.25)
+    else:
+        fwd, bwd, extra = torch.ops.amflow.softmax_colsum_fwd, torch.ops.amflow.softmax_colsum_bwd, (1, True, 0.25)
     for requires_grad in (True, False):
-        args = (q.detach().requires_grad_(requires_grad), k.detach().requires_grad_(requires_grad), 1, 0.25)
-        torch.library.opcheck(am_flow_module.am_flow_fwd_triton, args)
-    flow, stats = am_flow_module.am_flow_fwd_triton(q.detach(), k.detach(), 1, 0.25)
-    torch.library.opcheck(
-        am_flow_module.am_flow_bwd_triton, (torch.randn_like(flow), q.detach(), k.detach(), stats, 1, 0.25)
-    )
+        torch.library.opcheck(fwd, (q.clone().requires_grad_(requires_grad), k.clone().requires_grad_(requires_grad), *extra))
+    flow, stats = fwd(q, k, *extra)
+    torch.library.opcheck(bwd, (torch.randn_like(flow), q, k, stats, *extra))
 
 
-def test_compile_fullgraph(device):
+def test_compile_fullgraph(target):
     """torch.compile(fullgraph=True) of the public op, forward and backward, equals eager."""
+    backend, device = target
     torch._dynamo.reset()
     q, k, kw = make_qk("qkv", 1, 3, 2, 17, 16, torch.float32, device)
 
     def loss(q, k):
-        flow = amflow_kernels.am_flow(q, k, backend="triton", **kw)
+        flow = amflow_kernels.am_flow(q, k, backend=backend, **kw)
         return (flow * torch.arange(flow.shape[-1], device=flow.device)).sum(), flow
 
     compiled = torch.compile(loss, fullgraph=True)
@@ -225,22 +232,24 @@ def test_compile_fullgraph(device):
     torch.testing.assert_close(dk, k.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_refuses_silent_fallback(device):
-    """Where a fused backend exists but rejects the inputs, auto raises instead of using the reference."""
-    q = torch.zeros(1, 3, 2, 4, 8, dtype=torch.float64, device=device)
+def test_auto_refuses_silent_fallback(target):
+    """Where fused backends exist but all reject the inputs, auto raises instead of using the reference."""
+    _, device = target
+    q = torch.zeros(1, 3, 2, 4, 300, dtype=torch.float16, device=device)
     with pytest.raises(ValueError, match=rf"no fused backend on {device.type} accepts .*backend='reference'"):
         amflow_kernels.am_flow(q, q)
 
 
 @pytest.mark.gpu
-def test_64bit_offsets():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_64bit_offsets(backend):
     """q and k beyond 2³¹ elements: the last frames, past every 32-bit offset, are right."""
-    require_triton("cuda")
+    require_backend(backend, "cuda")
     H, N, D = 12, 197, 64
     T = 2**31 // (H * N * D) + 3
     q = torch.randn(1, T, H, N, D, device="cuda", dtype=torch.float16)
     k = torch.randn_like(q)
-    flow = amflow_kernels.am_flow(q, k, backend="triton")
+    flow = amflow_kernels.am_flow(q, k, backend=backend)
     ref = reference.am_flow(q[:, -3:].double(), k[:, -3:].double())
     assert_close("flow[-2:]", flow[:, -2:], ref)
 
@@ -260,7 +269,9 @@ BAD_INPUTS = [
     (dict(k=torch.zeros(1, 3, 2, 4, 8, device="meta")), ValueError, r"k.device must equal q.device \(cpu\), got meta"),
     (dict(q=torch.zeros(1, 3, 2, 0, 8)), ValueError, r"at least one token and one channel"),
     (dict(scale=float("nan")), ValueError, r"scale must be a finite float or None, got nan"),
-    (dict(backend="cudnn"), ValueError, r"backend must be one of \('auto', 'reference', 'triton'\), got 'cudnn'"),
+    (dict(backend="cudnn"), ValueError, r"backend must be one of \('auto', 'reference', 'triton', 'cuda', 'cpu'\), got 'cudnn'"),
+    (dict(q=torch.zeros(1, 3, 2, 4, 8, dtype=torch.float16), backend="cpu"), RuntimeError, r"backend 'cpu' cannot run .*dtype torch.float16 is not supported \(accepted: float32, float64\)"),
+    (dict(backend="cuda"), RuntimeError, r"backend 'cuda' cannot run .*(runs CUDA tensors, not cpu|not available)"),
     (dict(q=torch.zeros(1, 3, 2, 4, 300), backend="triton"), RuntimeError, r"backend 'triton' cannot run .* head dim 300 exceeds its maximum 256"),
     (dict(q=torch.zeros(1, 3, 2, 4, 8, dtype=torch.float64), backend="triton"), RuntimeError, r"dtype torch.float64 is not supported \(accepted: float16, bfloat16, float32\)"),
 ]
@@ -276,12 +287,16 @@ def test_bad_input(bad, error, message):
 
 def test_backends_on_cpu(monkeypatch):
     from amflow_kernels import _dispatch
+    from amflow_kernels.ops import cext
 
     assert "reference" in amflow_kernels.available_backends("cpu")
     monkeypatch.setattr(_dispatch, "_INTERPRET", False)
-    assert amflow_kernels.available_backends("cpu") == ["reference"]
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run .*TRITON_INTERPRET=1"):
         amflow_kernels.am_flow(torch.zeros(1, 2, 1, 3, 8), torch.zeros(1, 2, 1, 3, 8), backend="triton")
+    if cext.EXTENSION_ERROR is None:
+        assert amflow_kernels.available_backends("cpu") == ["reference", "cpu"]
+    monkeypatch.setattr(cext, "EXTENSION_ERROR", "the compiled extension was not built")
+    assert amflow_kernels.available_backends("cpu") == ["reference"]
     # No fused backend on this device: auto runs the reference.
     q = torch.randn(1, 2, 1, 3, 8, dtype=torch.float64)
     torch.testing.assert_close(amflow_kernels.am_flow(q, q), reference.am_flow(q, q))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import require_triton, as_float64_leaves, assert_as_accurate_as_pytorch, assert_close, round_scores
+from helpers import as_float64_leaves, assert_as_accurate_as_pytorch, assert_close, round_scores, target_params
 
 import amflow_kernels
 from amflow_kernels import reference
@@ -48,9 +48,9 @@ def _case_id(case):
     return "x".join(map(str, shape)) + f"-{layout}"
 
 
-def _check_against_reference(shape, layout, dtype, device):
+def _check_against_reference(shape, layout, backend, dtype, device):
     q, k = _make(shape, layout, dtype, device)
-    out = amflow_kernels.attention_colsum(q, k, backend="triton")
+    out = amflow_kernels.attention_colsum(q, k, backend=backend)
     grad = torch.randn_like(out)
     out.backward(grad)
     q64, k64 = as_float64_leaves(q, k)
@@ -65,34 +65,35 @@ def _check_against_reference(shape, layout, dtype, device):
     assert_close("dk", k.grad, k64.grad, kl.grad)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("target, dtype", target_params("cpu", with_dtypes=True))
 @pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
-def test_matches_reference_cpu(case, dtype):
-    require_triton("cpu")
-    _check_against_reference(*case, dtype, torch.device("cpu"))
+def test_matches_reference_cpu(case, target, dtype, monkeypatch):
+    device = target.activate(monkeypatch)
+    _check_against_reference(*case, target.backend, dtype, device)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("target, dtype", target_params("cuda", with_dtypes=True))
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
-def test_matches_reference_cuda(case, dtype):
-    require_triton("cuda")
-    _check_against_reference(*case, dtype, torch.device("cuda"))
+def test_matches_reference_cuda(case, target, dtype, monkeypatch):
+    device = target.activate(monkeypatch)
+    _check_against_reference(*case, target.backend, dtype, device)
 
 
-def test_sums_to_n(device):
+def test_sums_to_n(target):
+    backend, device = target
     q, k = _make((2, 3, 50, 24), "qkv", torch.float32, device)
-    out = amflow_kernels.attention_colsum(q, k, backend="triton")
+    out = amflow_kernels.attention_colsum(q, k, backend=backend)
     assert (out >= 0).all()
     torch.testing.assert_close(out.sum(-1), torch.full_like(out[..., 0], 50), rtol=1e-5, atol=0)
 
 
-def test_deterministic(device):
+def test_deterministic(target):
+    backend, device = target
     q, k = _make((2, 3, 70, 32), "qkv", torch.float32, device)
     runs = []
     for _ in range(2):
         q.grad = k.grad = None
-        out = amflow_kernels.attention_colsum(q, k, backend="triton")
+        out = amflow_kernels.attention_colsum(q, k, backend=backend)
         out.backward(torch.ones_like(out).cumsum(-1))
         runs.append((out, q.grad, k.grad))
     for first, second in zip(*runs):
@@ -100,18 +101,20 @@ def test_deterministic(device):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_nan_stays_in_its_slice(device):
+def test_nan_stays_in_its_slice(target):
+    backend, device = target
     q, k = _make((3, 2, 21, 16), "contiguous", torch.float32, device)
     q, k = q.detach().clone(), k.detach().clone()
     q[1, 0, 4] = float("nan")
-    out = amflow_kernels.attention_colsum(q, k, backend="triton")
+    out = amflow_kernels.attention_colsum(q, k, backend=backend)
     ref = reference.attention_colsum(q.double(), k.double())
     assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().any() and not ref.isnan().all()
     finite = ~ref.isnan()
     torch.testing.assert_close(out[finite].double(), ref[finite], rtol=1e-5, atol=1e-5)
 
 
-def test_large_scores(device):
+def test_large_scores(target):
+    backend, device = target
     """|S| in the thousands: finite, and as accurate as PyTorch (see test_am_flow)."""
     q, k = _make((2, 40, 64), "contiguous", torch.float32, device)
     q = (q.detach() * 20).requires_grad_()
@@ -127,31 +130,35 @@ def test_large_scores(device):
     scores = round_scores(64**-0.5 * qr @ kr.transpose(-1, -2), torch.float32)
     ref_rounded = scores.softmax(-1).sum(-2)
     ref_rounded.backward(grad)
-    out = amflow_kernels.attention_colsum(q, k, backend="triton")
+    out = amflow_kernels.attention_colsum(q, k, backend=backend)
     out.backward(grad.float())
     assert_as_accurate_as_pytorch("colsum", out, ref, ref_lowp, ref_rounded)
     assert_as_accurate_as_pytorch("dq", q.grad, q64.grad, ql.grad, qr.grad)
     assert_as_accurate_as_pytorch("dk", k.grad, k64.grad, kl.grad, kr.grad)
 
 
-def test_opcheck(device):
+def test_opcheck(target):
+    backend, device = target
     for layout, shape in (("qkv", (2, 2, 17, 16)), ("contiguous", (9, 16))):
-        q, k = _make(shape, layout, torch.float32, device)
+        q, k = (t.detach() for t in _make(shape, layout, torch.float32, device))
+        if backend == "triton":
+            fwd, bwd, extra = colsum_module.attention_colsum_fwd_triton, colsum_module.attention_colsum_bwd_triton, (0.3,)
+        else:
+            fwd, bwd, extra = torch.ops.amflow.softmax_colsum_fwd, torch.ops.amflow.softmax_colsum_bwd, (0, False, 0.3)
+            q, k = colsum_module._as_frames(q), colsum_module._as_frames(k)
         for requires_grad in (True, False):
-            args = (q.detach().requires_grad_(requires_grad), k.detach().requires_grad_(requires_grad), 0.3)
-            torch.library.opcheck(colsum_module.attention_colsum_fwd_triton, args)
-        out, stats = colsum_module.attention_colsum_fwd_triton(q.detach(), k.detach(), 0.3)
-        torch.library.opcheck(
-            colsum_module.attention_colsum_bwd_triton, (torch.randn_like(out), q.detach(), k.detach(), stats, 0.3)
-        )
+            torch.library.opcheck(fwd, (q.clone().requires_grad_(requires_grad), k.clone().requires_grad_(requires_grad), *extra))
+        out, stats = fwd(q, k, *extra)
+        torch.library.opcheck(bwd, (torch.randn_like(out), q, k, stats, *extra))
 
 
-def test_compile_fullgraph(device):
+def test_compile_fullgraph(target):
+    backend, device = target
     torch._dynamo.reset()
     q, k = _make((2, 2, 17, 16), "qkv", torch.float32, device)
 
     def loss(q, k):
-        out = amflow_kernels.attention_colsum(q, k, backend="triton")
+        out = amflow_kernels.attention_colsum(q, k, backend=backend)
         return (out * out).sum(), out
 
     value, out = torch.compile(loss, fullgraph=True)(q, k)

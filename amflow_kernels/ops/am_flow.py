@@ -14,7 +14,7 @@ import torch
 from .. import reference
 from .._dispatch import select
 from .._validate import check_am_flow
-from . import colsum_triton
+from . import cext, colsum_triton
 
 
 @torch.library.custom_op("amflow::am_flow_fwd_triton", mutates_args=())
@@ -82,13 +82,17 @@ def am_flow(
         num_frames: T when q, k are ``[B·T, H, N, D]``.
         offset: Δ ≥ 1, the frame distance of each pair (the paper uses 1).
         scale: score scale, default ``D ** -0.5``.
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``available_backends``).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"`` (see
+            ``available_backends``).
 
     Returns:
         ``[B, T−Δ, H, N]`` in q's dtype; each ``flow[b, t, h, :]`` sums to N. Differentiable
         in q and k; fused backends keep O(B·T·H·N) extra memory, never an N×N map.
     """
     q, k, scale = check_am_flow(q, k, num_frames, offset, scale)
-    if select("am_flow", backend, q) == "reference":
+    chosen = select("am_flow", backend, q)
+    if chosen == "reference":
         return reference.am_flow(q, k, offset=offset, scale=scale)
-    return am_flow_fwd_triton(q, k, offset, scale)[0]
+    if chosen == "triton":
+        return am_flow_fwd_triton(q, k, offset, scale)[0]
+    return cext.softmax_colsum(q, k, offset, True, scale)

@@ -14,7 +14,7 @@ import torch
 from .. import reference
 from .._dispatch import select
 from .._validate import check_attention_colsum
-from . import colsum_triton
+from . import cext, colsum_triton
 
 
 def _as_frames(x: torch.Tensor) -> torch.Tensor:
@@ -83,13 +83,17 @@ def attention_colsum(
     Args:
         q, k: ``[..., N, D]`` with any leading dims and strides.
         scale: score scale, default ``D ** -0.5``.
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``available_backends``).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"`` (see
+            ``available_backends``).
 
     Returns:
         ``[..., N]`` in q's dtype; each row sums to N. Differentiable in q and k; fused
         backends never allocate the N×N map.
     """
     scale = check_attention_colsum(q, k, scale)
-    if select("attention_colsum", backend, q) == "reference":
+    chosen = select("attention_colsum", backend, q)
+    if chosen == "reference":
         return reference.attention_colsum(q, k, scale=scale)
-    return attention_colsum_fwd_triton(q, k, scale)[0]
+    if chosen == "triton":
+        return attention_colsum_fwd_triton(q, k, scale)[0]
+    return cext.softmax_colsum(_as_frames(q), _as_frames(k), 0, False, scale).view(q.shape[:-1])
