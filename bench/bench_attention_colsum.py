@@ -1,5 +1,6 @@
-"""attention_colsum: fused Triton vs eager reference vs torch.compile(reference) vs SDPA vs
-flash-colreduce (the nearest public peer: forward-only, atomics-based), bf16, CUDA."""
+"""attention_colsum, side by side in one run: fused triton and cuda vs eager reference vs
+torch.compile(reference) vs SDPA vs flash-colreduce (the nearest public peer: forward-only,
+atomics-based) on CUDA in bf16; fused cpu vs eager vs torch.compile(reference) on CPU."""
 
 from __future__ import annotations
 
@@ -8,23 +9,25 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REL_RMS_TOL, rel_rms
-from workloads import MODES, SHAPES, qkv_inputs, step
+from helpers import REL_RMS_TOL, rel_rms, require_backend
+from workloads import MODES, qkv_inputs, shape_of, step, workloads
 
 import amflow_kernels
 from amflow_kernels import reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs a CUDA device; none is present on this machine")
-
 HAS_FLASH_COLREDUCE = importlib.util.find_spec("flash_colreduce") is not None
-PROVIDERS = ("triton", "reference", "compile", "sdpa", "flash_colreduce")
+FUSED = ("triton", "cuda", "cpu")
+PROVIDERS = {
+    "cuda": ("triton", "cuda", "reference", "compile", "sdpa", "flash_colreduce"),
+    "cpu": ("cpu", "reference", "compile"),
+}
 _compiled_reference = torch.compile(reference.attention_colsum)
 
 
 def _forward(provider, q, k, v):
     """The provider's forward on the same q/k (SDPA: q/k/v)."""
-    if provider == "triton":
-        return lambda: amflow_kernels.attention_colsum(q, k, backend="triton")
+    if provider in FUSED:
+        return lambda: amflow_kernels.attention_colsum(q, k, backend=provider)
     if provider == "reference":
         return lambda: reference.attention_colsum(q, k)
     if provider == "compile":
@@ -36,25 +39,25 @@ def _forward(provider, q, k, v):
     return lambda: F.scaled_dot_product_attention(q, k, v)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_attention_colsum(shape_name, mode, provider, measure, record_failure):
+@pytest.mark.parametrize("device, shape_name, provider", workloads(PROVIDERS))
+def test_attention_colsum(device, shape_name, provider, mode, measure, record_failure):
+    require_backend(provider if provider in FUSED else "reference", device)
     if provider == "flash_colreduce" and not HAS_FLASH_COLREDUCE:
         pytest.skip("flash-colreduce is not installed (pip install flash-colreduce)")
     if provider == "flash_colreduce" and mode != "fwd":
         pytest.skip("flash-colreduce has no backward")
-    q, k, v = qkv_inputs(SHAPES[shape_name], mode)
-    if provider in ("triton", "flash_colreduce"):
+    q, k, v = qkv_inputs(shape_of(device, shape_name), mode, device)
+    if provider in FUSED or provider == "flash_colreduce":
         with torch.no_grad():
             fused = _forward(provider, q, k, v)()
-            ref = reference.attention_colsum(q.float(), k.float())
+            ref = reference.attention_colsum(q.double(), k.double())
         err = rel_rms(fused, ref)
-        assert err <= REL_RMS_TOL[torch.bfloat16], f"{provider} colsum is off: relative RMS error {err:.3g}"
+        assert err <= REL_RMS_TOL[q.dtype], f"{provider} colsum is off: relative RMS error {err:.3g}"
     try:
-        measure("attention_colsum", shape_name, mode, provider, step(_forward(provider, q, k, v), mode, (q, k, v)))
+        measure("attention_colsum", device, shape_name, mode, provider, step(_forward(provider, q, k, v), mode, (q, k, v)), (q, k, v))
     except Exception as error:
-        if provider == "triton":
+        if provider in FUSED:
             raise
-        record_failure("attention_colsum", shape_name, mode, provider, error)
+        record_failure("attention_colsum", device, shape_name, mode, provider, error)
         pytest.xfail(f"{provider} cannot run this shape: {type(error).__name__}")

@@ -1,13 +1,16 @@
 """Benchmark harness: every provider of an op timed side by side in one run.
 
-Each measurement records the median time (pytest-benchmark, with torch.cuda.synchronize()
-inside the timed call, after warm-up and autotuning) and the peak memory the call allocates
-beyond its inputs. At the end of the session the results, with device, versions, date and
-git revision, go to bench/results/<device>-<date>.json and a markdown table beside it.
+Each measurement records the median time (pytest-benchmark, after warm-up, compilation and
+autotuning; on CUDA with torch.cuda.synchronize() inside the timed call) and the peak memory
+the call needs beyond its inputs: on CUDA from torch.cuda.max_memory_allocated, on CPU from
+the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs).
+At the end of the session the results, with device, versions, threads, date and git
+revision, go to bench/results/<device>-<date>.json and a markdown table beside it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import platform
@@ -23,7 +26,43 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the benchmarks reuse the tests' inputs and checks
 
 RESULTS: list[dict] = []
-GPU_REASON = "GPU benchmark: needs a CUDA device; none is present on this machine"
+
+
+def _status_mb(key: str) -> float:
+    return int(re.search(key + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
+def _mmap_threshold(nbytes: int) -> None:
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, nbytes)
+
+
+def _peak_extra_mb(fn, device: str) -> float:
+    """Peak memory one call of ``fn`` needs beyond what is allocated before it.
+
+    CPU: glibc keeps freed heap memory resident and hands it out again, so a call that reuses
+    it would not raise the resident set. Before measuring, free heap pages go back to the
+    system (malloc_trim) and blocks from 64 KiB up are mapped on their own, so the resident
+    high-water mark follows live allocations; for timing the threshold is set to 32 MiB,
+    glibc's own steady state.
+    """
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    _mmap_threshold(64 * 1024)
+    _LIBC.malloc_trim(0)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+        base = _status_mb("VmRSS")
+        fn()
+        return _status_mb("VmHWM") - base
+    finally:
+        _mmap_threshold(32 * 2**20)
 
 
 def environment() -> dict:
@@ -35,7 +74,8 @@ def environment() -> dict:
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
@@ -46,26 +86,37 @@ def environment() -> dict:
     }
 
 
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
 @pytest.fixture
 def measure(benchmark):
-    """measure(op, shape_name, mode, provider, fn): time ``fn`` on CUDA and record it."""
+    """measure(op, device, shape_name, mode, provider, fn, inputs): time ``fn`` and record it;
+    the memory probe starts with the inputs' gradients released."""
 
-    def run(op: str, shape: str, mode: str, provider: str, fn) -> None:
+    def run(op: str, device: str, shape: str, mode: str, provider: str, fn, inputs) -> None:
         def timed():
             fn()
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
 
-        for _ in range(3):  # warm-up: compilation, autotuning, allocator
+        for _ in range(3 if device == "cuda" else 1):  # warm-up: compilation, autotuning, allocator
             timed()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        timed()
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-        benchmark.group = f"{op} {shape} {mode}"
-        benchmark.extra_info.update(op=op, shape=shape, mode=mode, provider=provider, peak_extra_mb=peak_mb)
-        benchmark.pedantic(timed, rounds=20, iterations=5, warmup_rounds=1)
+        for t in inputs:
+            t.grad = None
+        peak_mb = _peak_extra_mb(timed, device)
+        benchmark.group = f"{op} {device} {shape} {mode}"
+        benchmark.extra_info.update(op=op, device=device, shape=shape, mode=mode, provider=provider, peak_extra_mb=peak_mb)
+        if device == "cuda":
+            benchmark.pedantic(timed, rounds=20, iterations=5, warmup_rounds=1)
+        else:
+            benchmark.pedantic(timed, rounds=5, iterations=1)
         RESULTS.append(
-            dict(op=op, shape=shape, mode=mode, provider=provider,
+            dict(op=op, device=device, shape=shape, mode=mode, provider=provider,
                  median_ms=benchmark.stats.stats.median * 1e3, peak_extra_mb=peak_mb)
         )
 
@@ -76,37 +127,46 @@ def measure(benchmark):
 def record_failure():
     """A provider that cannot run a shape (e.g. torch.compile's InductorError) is recorded."""
 
-    def run(op: str, shape: str, mode: str, provider: str, error: Exception) -> None:
-        RESULTS.append(dict(op=op, shape=shape, mode=mode, provider=provider,
+    def run(op: str, device: str, shape: str, mode: str, provider: str, error: Exception) -> None:
+        RESULTS.append(dict(op=op, device=device, shape=shape, mode=mode, provider=provider,
                             error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"))
 
     return run
 
 
+BASELINE = {"cuda": "sdpa", "cpu": "reference"}
+
+
 def markdown_table(results: list[dict]) -> str:
-    """One row per (op, shape, mode): each provider's time and its ratio to SDPA's."""
-    providers = list(dict.fromkeys(r["provider"] for r in results))
-    rows = {}
-    for r in results:
-        rows.setdefault((r["op"], r["shape"], r["mode"]), {})[r["provider"]] = r
-    lines = [
-        "| op | shape | mode | " + " | ".join(providers) + " |",
-        "|---|---|---|" + "---|" * len(providers),
-    ]
-    for (op, shape, mode), cells in rows.items():
-        sdpa = cells.get("sdpa", {}).get("median_ms")
-        out = []
-        for p in providers:
-            c = cells.get(p)
-            if c is None:
-                out.append("")
-            elif "error" in c:
-                out.append("fails")
-            else:
-                ratio = f" ({c['median_ms'] / sdpa:.2f}×)" if sdpa else ""
-                out.append(f"{c['median_ms']:.3f} ms{ratio}, {c['peak_extra_mb']:.0f} MB")
-        lines.append(f"| {op} | {shape} | {mode} | " + " | ".join(out) + " |")
-    return "\n".join(lines) + "\n\nTime: median; (×): ratio to SDPA on the same q/k/v; MB: peak memory allocated beyond the inputs.\n"
+    """Per device, one row per (op, shape, mode): each provider's time, its ratio to the
+    baseline (SDPA on CUDA, the eager reference on CPU) and its peak extra memory."""
+    out = []
+    for device in dict.fromkeys(r["device"] for r in results):
+        mine = [r for r in results if r["device"] == device]
+        providers = list(dict.fromkeys(r["provider"] for r in mine))
+        rows = {}
+        for r in mine:
+            rows.setdefault((r["op"], r["shape"], r["mode"]), {})[r["provider"]] = r
+        out += [
+            f"**{device}** (×: time relative to {BASELINE[device]})\n",
+            "| op | shape | mode | " + " | ".join(providers) + " |",
+            "|---|---|---|" + "---|" * len(providers),
+        ]
+        for (op, shape, mode), cells in rows.items():
+            base = cells.get(BASELINE[device], {}).get("median_ms")
+            row = []
+            for p in providers:
+                c = cells.get(p)
+                if c is None:
+                    row.append("")
+                elif "error" in c:
+                    row.append("fails")
+                else:
+                    ratio = f" ({c['median_ms'] / base:.2f}×)" if base else ""
+                    row.append(f"{c['median_ms']:.3f} ms{ratio}, {c['peak_extra_mb']:.0f} MB")
+            out.append(f"| {op} | {shape} | {mode} | " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out) + "Time: median. MB: peak memory beyond the inputs (CUDA: allocated; CPU: resident).\n"
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -116,5 +176,8 @@ def pytest_sessionfinish(session, exitstatus):
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     stem = ROOT / "bench" / "results" / f"{slug}-{env['date'][:10]}"
     stem.with_suffix(".json").write_text(json.dumps({**env, "results": RESULTS}, indent=1) + "\n")
-    header = f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; {env['date']}; rev {env['git_revision']}\n\n"
+    header = (
+        f"Device: {env['device']} ({env['cpu_threads']} CPU threads); torch {env['torch']}, "
+        f"triton {env['triton']}, CUDA {env['cuda']}; {env['date']}; rev {env['git_revision']}\n\n"
+    )
     stem.with_suffix(".md").write_text(header + markdown_table(RESULTS))

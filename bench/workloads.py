@@ -17,13 +17,33 @@ SHAPES = {
     "vit_base_patch14_dinov2.518 B2 T8": (2, 8, 12, 1370, 64),
     "vit_base_patch14_224 B4 T32": (4, 32, 12, 257, 64),
 }
+# CPU (float32, the machine's threads): the issue's speed shape and its memory shape.
+CPU_SHAPES = {
+    "vit_base_patch14_224 B2 T8": (2, 8, 12, 257, 64),
+    "vit_base_patch14_dinov2.518 B1 T4": (1, 4, 12, 1370, 64),
+}
 MODES = ("fwd", "fwd+bwd")
+DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 
 
-def qkv_inputs(shape, mode):
-    """q, k: (B·T, H, N, D) bf16 views of one fused qkv projection (timm's layout); v alike."""
+def workloads(fused_providers: dict[str, tuple[str, ...]]):
+    """(device, shape name, provider) for every shape of each device and every provider."""
+    return [
+        (device, name, provider)
+        for device, shapes in (("cuda", SHAPES), ("cpu", CPU_SHAPES))
+        for name in shapes
+        for provider in fused_providers[device]
+    ]
+
+
+def shape_of(device: str, name: str):
+    return (SHAPES if device == "cuda" else CPU_SHAPES)[name]
+
+
+def qkv_inputs(shape, mode, device):
+    """q, k: (B·T, H, N, D) views of one fused qkv projection (timm's layout); v alike."""
     B, T, H, N, D = shape
-    q, k, _ = make_qk("qkv", B, T, H, N, D, torch.bfloat16, "cuda")
+    q, k, _ = make_qk("qkv", B, T, H, N, D, DTYPE[device], device)
     v = torch.randn_like(q)
     for t in (q, k, v):
         t.requires_grad_(mode != "fwd")

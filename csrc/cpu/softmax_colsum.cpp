@@ -1,6 +1,6 @@
 // Fused CPU kernels for amflow::softmax_colsum_fwd / _bwd (float32, float64).
 //
-// A task owns one (clip b, head h) and walks row blocks of R query rows. For a row block,
+// A task owns one (clip b, head h) and walks row blocks of R query rows (32 to 128). For a row block,
 // one batched GEMM forms the scaled score rows of every frame, S[t] = scale · Q_t[rows] K_tᵀ
 // (T × R × N, kept in cache), so each frame's scores are computed once and shared by the two
 // pairs it belongs to. Row softmaxes, |·| and column sums are vectorised with at::vec. Extra
@@ -19,6 +19,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -27,7 +28,11 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kRowBlock = 32;
+// Rows per block: large blocks make the batched GEMMs efficient; the (T, R, N) score and
+// gradient buffers of a thread stay near 8 MiB in float32 (at least 32 rows).
+int64_t row_block(int64_t T, int64_t N) {
+  return std::clamp<int64_t>((int64_t{1} << 21) / (T * N), 32, 128);
+}
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, int64_t offset, bool paired) {
   TORCH_CHECK(q.dim() == 5, "softmax_colsum (cpu): q must have shape (B, T, H, N, D), got ", q.sizes());
@@ -108,8 +113,9 @@ void forward_task(const Shape& s, int64_t b, int64_t h, const at::Tensor& q, con
                   double scale, scalar_t* out, float* stats) {
   const int64_t N = s.N;
   std::vector<scalar_t> z(N), x(N);
-  for (int64_t r0 = 0; r0 < N; r0 += kRowBlock) {
-    const int64_t rows = std::min(kRowBlock, N - r0);
+  const int64_t R = row_block(s.T, N);
+  for (int64_t r0 = 0; r0 < N; r0 += R) {
+    const int64_t rows = std::min(R, N - r0);
     const auto S = frame_scores(q, k, b, h, r0, rows, scale);
     const scalar_t* scores = S.data_ptr<scalar_t>();
     for (int64_t p = 0; p < s.P; ++p) {
@@ -162,8 +168,9 @@ void backward_task(const Shape& s, int64_t b, int64_t h, const scalar_t* grad, c
   auto kb = k.select(0, b).select(1, h);    // (T, N, D)
   auto dqb = dq.select(0, b).select(1, h);  // (T, N, D)
   auto dkb = dk.select(0, b).select(1, h);  // (T, N, D)
-  for (int64_t r0 = 0; r0 < N; r0 += kRowBlock) {
-    const int64_t rows = std::min(kRowBlock, N - r0);
+  const int64_t R = row_block(s.T, N);
+  for (int64_t r0 = 0; r0 < N; r0 += R) {
+    const int64_t rows = std::min(R, N - r0);
     const auto S = frame_scores(q, k, b, h, r0, rows, scale);
     auto E = at::zeros_like(S);  // (T, rows, N): the score gradient of each frame
     const scalar_t* scores = S.data_ptr<scalar_t>();
