@@ -19,6 +19,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -35,16 +37,10 @@ int64_t row_block(int64_t T, int64_t N) {
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, int64_t offset, bool paired) {
-  TORCH_CHECK(q.dim() == 5, "softmax_colsum (cpu): q must have shape (B, T, H, N, D), got ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), "softmax_colsum (cpu): k.shape must equal q.shape ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "softmax_colsum (cpu): k.dtype must equal q.dtype (", q.scalar_type(), "), got ", k.scalar_type());
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "softmax_colsum (cpu): q and k must be CPU tensors, got ", q.device(), " and ", k.device());
+  check_softmax_colsum_inputs("cpu", q, k, offset, paired);
+  TORCH_CHECK(q.device().is_cpu(), "softmax_colsum (cpu): q must be a CPU tensor, got ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "softmax_colsum (cpu): q.dtype must be float32 or float64, got ", q.scalar_type());
-  if (paired) {
-    TORCH_CHECK(offset >= 1, "softmax_colsum (cpu): offset must be ≥ 1, got ", offset);
-    TORCH_CHECK(q.size(1) > offset, "softmax_colsum (cpu): T must exceed offset (", offset, "), got T=", q.size(1));
-  }
 }
 
 // The GEMMs read rows through their strides but need a unit stride along D.
@@ -213,8 +209,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_colsum_bwd_cpu(const at::Tensor& grad
   const auto q = unit_last_stride(q_in);
   const auto k = unit_last_stride(k_in);
   const Shape s = shape_of(q, offset, paired);
-  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({s.B, s.P, s.H, s.N}),
-              "softmax_colsum_bwd (cpu): grad must have shape ", at::IntArrayRef({s.B, s.P, s.H, s.N}), ", got ", grad_in.sizes());
+  check_softmax_colsum_grad("cpu", grad_in, {s.B, s.P, s.H, s.N});
   const auto grad = grad_in.to(q.scalar_type()).contiguous();
   auto dq = at::empty(q.sizes(), q.options());
   auto dk = at::zeros(k.sizes(), k.options());
