@@ -559,14 +559,13 @@ def _shape_args(q, k, offset, scale, paired):
 
 
 def colsum_fwd(
-    q: torch.Tensor, k: torch.Tensor, *, offset: int, paired: bool, scale: float,
-    resident: bool | None = None,
+    q: torch.Tensor, k: torch.Tensor, *, offset: int, paired: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of both ops on (B, T, H, N, D) q, k of any strides.
 
     Returns ``out`` (B, P, H, N) in q's dtype and the row statistics ``stats`` (B, P, H, N, 2)
-    fp32, P = T − offset if ``paired`` else T. ``resident`` forces (True) or forbids (False)
-    the one-pass kernel; None chooses by shape.
+    fp32, P = T − offset if ``paired`` else T. The one-pass (resident) or the two-pass
+    kernels run as ``_prefer_resident`` decides.
     """
     b, t, h, n, _ = q.shape
     p = t - offset if paired else t
@@ -577,9 +576,7 @@ def colsum_fwd(
         return out, stats
     strides = (*q.stride(), *k.stride())
     c = _shape_args(q, k, offset, scale, paired)
-    if resident is None:
-        resident = _prefer_resident(q, programs)
-    if resident:
+    if _prefer_resident(q, programs):
         block_n = max(16, triton.next_power_of_2(n))
         colsum_fwd_resident_kernel[(programs,)](q, k, out, stats, *strides, P=p, BLOCK_N=block_n, **c)
         return out, stats
