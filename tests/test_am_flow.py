@@ -300,3 +300,39 @@ def test_backends_on_cpu(monkeypatch):
     # No fused backend on this device: auto runs the reference.
     q = torch.randn(1, 2, 1, 3, 8, dtype=torch.float64)
     torch.testing.assert_close(amflow_kernels.am_flow(q, q), reference.am_flow(q, q))
+
+
+def test_cpu_backend_independent_of_threads():
+    """Tasks own their outputs: 1 and 2 threads give bitwise-equal values and gradients."""
+    require_backend("cpu", "cpu")
+    q, k, kw = make_qk("qkv", 2, 4, 3, 45, 24, torch.float32, "cpu")
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            q.grad = k.grad = None
+            flow = amflow_kernels.am_flow(q, k, backend="cpu", **kw)
+            flow.backward(torch.ones_like(flow).cumsum(-1))
+            runs.append((flow, q.grad, k.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+EXTENSION_BAD_INPUTS = [
+    ((torch.zeros(2, 3, 4, 8), torch.zeros(2, 3, 4, 8), 1, True), r"q must have shape \(B, T, H, N, D\), got \[2, 3, 4, 8\]"),
+    ((torch.zeros(1, 3, 2, 4, 8), torch.zeros(1, 3, 2, 5, 8), 1, True), r"k.shape must equal q.shape \[1, 3, 2, 4, 8\], got \[1, 3, 2, 5, 8\]"),
+    ((torch.zeros(1, 3, 2, 4, 8), torch.zeros(1, 3, 2, 4, 8), 3, True), r"T must exceed offset \(3\), got T=3"),
+    ((torch.zeros(1, 3, 2, 4, 8), torch.zeros(1, 3, 2, 4, 8), 0, True), r"offset must be ≥ 1, got 0"),
+    ((torch.zeros(1, 3, 2, 4, 8, dtype=torch.float16),) * 2 + (1, True), r"q.dtype must be float32 or float64, got Half"),
+]
+
+
+@pytest.mark.parametrize("args, message", EXTENSION_BAD_INPUTS, ids=[m[:30] for _, m in EXTENSION_BAD_INPUTS])
+def test_extension_bad_input(args, message):
+    """Called directly, the compiled ops check their inputs too (the public API checks first)."""
+    require_backend("cpu", "cpu")
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.amflow.softmax_colsum_fwd(*args, 0.25)
