@@ -53,41 +53,38 @@ class ReferenceBackend(Backend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class CpuBackend(Backend):
-    """The compiled extension's fused CPU kernels (csrc/cpu)."""
+class ExtensionBackend(Backend):
+    """Kernels of the compiled extension (csrc/) for one device type."""
 
-    name = "cpu"
-    dtypes = (torch.float32, torch.float64)
-
-    def unavailable(self, device: torch.device) -> str | None:
-        from .ops import cext
-
-        if cext.EXTENSION_ERROR is not None:
-            return cext.EXTENSION_ERROR
-        if device.type != "cpu":
-            return f"the cpu backend runs CPU tensors, not {device.type}"
-        return None
-
-
-class CudaBackend(Backend):
-    """The compiled extension's fused CUDA kernels (csrc/cuda)."""
-
-    name = "cuda"
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    max_head_dim = 256
+    device_type = ""
 
     def unavailable(self, device: torch.device) -> str | None:
         from .ops import cext
 
         if cext.EXTENSION_ERROR is not None:
             return cext.EXTENSION_ERROR
-        if device.type != "cuda":
-            return f"the cuda backend runs CUDA tensors, not {device.type}"
-        if not cext.has_kernel("cuda"):
-            return "amflow_kernels._C was built without CUDA kernels (no CUDA toolkit at build time)"
-        if not torch.cuda.is_available():
+        if device.type != self.device_type:
+            return f"the {self.name} backend runs {self.device_type.upper()} tensors, not {device.type}"
+        if self.device_type not in cext.KERNEL_DEVICES:
+            return f"amflow_kernels._C was built without {self.device_type.upper()} kernels"
+        if self.device_type == "cuda" and not torch.cuda.is_available():
             return "CUDA is not available"
         return None
+
+
+class CpuBackend(ExtensionBackend):
+    """The compiled extension's fused CPU kernels (csrc/cpu)."""
+
+    name = device_type = "cpu"
+    dtypes = (torch.float32, torch.float64)
+
+
+class CudaBackend(ExtensionBackend):
+    """The compiled extension's fused CUDA kernels (csrc/cuda)."""
+
+    name = device_type = "cuda"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    max_head_dim = 256
 
 
 class TritonBackend(Backend):

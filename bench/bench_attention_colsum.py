@@ -44,9 +44,9 @@ def _forward(provider, q, k, v):
 def test_attention_colsum(device, shape_name, provider, mode, measure, record_failure):
     require_backend(provider if provider in FUSED else "reference", device)
     if provider == "flash_colreduce" and not HAS_FLASH_COLREDUCE:
-        pytest.skip("flash-colreduce is not installed (pip install flash-colreduce)")
+        pytest.skip(reason="flash-colreduce is not installed (pip install flash-colreduce)")
     if provider == "flash_colreduce" and mode != "fwd":
-        pytest.skip("flash-colreduce has no backward")
+        pytest.skip(reason="flash-colreduce has no backward")
     q, k, v = qkv_inputs(shape_of(device, shape_name), mode, device)
     if provider in FUSED or provider == "flash_colreduce":
         with torch.no_grad():

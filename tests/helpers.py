@@ -69,6 +69,26 @@ def assert_close(name: str, fused: torch.Tensor, ref64: torch.Tensor, ref_lowp=N
         )
 
 
+def assert_deterministic(op, q, k, **kwargs) -> None:
+    """Two runs of ``op`` give bitwise-equal outputs and q/k gradients."""
+    runs = []
+    for _ in range(2):
+        q.grad = k.grad = None
+        out = op(q, k, **kwargs)
+        out.backward(torch.ones_like(out).cumsum(-1))
+        runs.append((out, q.grad, k.grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def opcheck_pair(fwd, bwd, q, k, extra) -> None:
+    """opcheck a forward op (requires_grad on and off) and its backward op."""
+    for requires_grad in (True, False):
+        torch.library.opcheck(fwd, (q.clone().requires_grad_(requires_grad), k.clone().requires_grad_(requires_grad), *extra))
+    out, stats = fwd(q, k, *extra)
+    torch.library.opcheck(bwd, (torch.randn_like(out), q, k, stats, *extra))
+
+
 def round_scores(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float64 scores rounded to ``dtype`` in value, with float64 gradients (straight through)."""
     return scores + (scores.to(dtype).double() - scores).detach()
@@ -100,10 +120,10 @@ def require_backend(backend: str, device: str) -> None:
     from amflow_kernels._dispatch import backend_report
 
     if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device; none is present on this machine")
+        pytest.skip(reason="needs a CUDA device; none is present on this machine")
     why = backend_report(device)[backend]
     if why is not None:
-        pytest.skip(f"the {backend} backend cannot run on {device}: {why}")
+        pytest.skip(reason=f"the {backend} backend cannot run on {device}: {why}")
 
 
 class Target(NamedTuple):

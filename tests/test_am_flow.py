@@ -11,7 +11,9 @@ from helpers import (
     as_float64_leaves,
     assert_as_accurate_as_pytorch,
     assert_close,
+    assert_deterministic,
     make_qk,
+    opcheck_pair,
     require_backend,
     round_scores,
     target_params,
@@ -114,14 +116,7 @@ def test_frames_layout_equals_5d(target, offset):
 def test_deterministic(target):
     backend, device = target
     q, k, kw = make_qk("qkv", 2, 3, 2, 70, 32, torch.float32, device)
-    runs = []
-    for _ in range(2):
-        q.grad = k.grad = None
-        flow = amflow_kernels.am_flow(q, k, backend=backend, **kw)
-        flow.backward(torch.ones_like(flow).cumsum(-1))
-        runs.append((flow, q.grad, k.grad))
-    for first, second in zip(*runs):
-        assert torch.equal(first, second)
+    assert_deterministic(amflow_kernels.am_flow, q, k, backend=backend, **kw)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -206,10 +201,7 @@ def test_opcheck(target):
         fwd, bwd, extra = am_flow_module.am_flow_fwd_triton, am_flow_module.am_flow_bwd_triton, (1, 0.25)
     else:
         fwd, bwd, extra = torch.ops.amflow.softmax_colsum_fwd, torch.ops.amflow.softmax_colsum_bwd, (1, True, 0.25)
-    for requires_grad in (True, False):
-        torch.library.opcheck(fwd, (q.clone().requires_grad_(requires_grad), k.clone().requires_grad_(requires_grad), *extra))
-    flow, stats = fwd(q, k, *extra)
-    torch.library.opcheck(bwd, (torch.randn_like(flow), q, k, stats, *extra))
+    opcheck_pair(fwd, bwd, q, k, extra)
 
 
 def test_compile_fullgraph(target):

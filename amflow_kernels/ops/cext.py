@@ -18,11 +18,14 @@ except ImportError as error:
     EXTENSION_ERROR = f"the compiled extension amflow_kernels._C is not available ({error})"
 
 
-def has_kernel(device_type: str) -> bool:
-    """Whether the extension was built with kernels for ``device_type`` ("cpu" or "cuda")."""
-    if EXTENSION_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("amflow::softmax_colsum_fwd", device_type.upper())
+# Device types the extension has kernels for, read once: dispatch runs on every call and
+# under torch.compile, where the dispatcher query cannot be traced.
+KERNEL_DEVICES = frozenset(
+    device
+    for device in ("cpu", "cuda")
+    if EXTENSION_ERROR is None
+    and torch._C._dispatch_has_kernel_for_dispatch_key("amflow::softmax_colsum_fwd", device.upper())
+)
 
 
 def softmax_colsum(q: torch.Tensor, k: torch.Tensor, offset: int, paired: bool, scale: float) -> torch.Tensor:
