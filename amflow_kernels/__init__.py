@@ -9,6 +9,7 @@
 from ._dispatch import available_backends
 from .ops.am_flow import am_flow
 from .ops.attention_colsum import attention_colsum
+from .ops.linear_attention import linear_attention
 
 __version__ = "0.1.0"
-__all__ = ["am_flow", "attention_colsum", "available_backends", "__version__"]
+__all__ = ["am_flow", "attention_colsum", "linear_attention", "available_backends", "__version__"]

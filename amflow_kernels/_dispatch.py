@@ -1,7 +1,7 @@
 """Backend choice: what each backend supports, and why one cannot run.
 
 Each backend answers ``unavailable(device)`` (why it cannot run on a device at all, or None)
-and ``not_supported_reasons(q)`` (why it cannot take these inputs). ``select`` resolves a
+and ``not_supported_reasons(op, q, head_dims)`` (why it cannot take these inputs). ``select`` resolves a
 ``backend=`` argument; a forced backend that cannot run raises with its reasons, and
 ``"auto"`` takes the first fused backend for the device that accepts the inputs. ``auto``
 uses the reference only where no fused backend exists for the device; where one exists but
@@ -28,20 +28,23 @@ class Backend:
     name = ""
     fused = True
     dtypes: tuple[torch.dtype, ...] = ()
-    max_head_dim: int | None = None
+    # op → the largest head dim (each of D and Dv) its kernels take; an op not listed: any.
+    max_head_dim: dict[str, int] = {}
 
     def unavailable(self, device: torch.device) -> str | None:
         return None
 
-    def not_supported_reasons(self, q: torch.Tensor) -> list[str]:
+    def not_supported_reasons(self, op: str, q: torch.Tensor, head_dims: dict[str, int]) -> list[str]:
         reasons = []
         if (why := self.unavailable(q.device)) is not None:
             reasons.append(why)
         if q.dtype not in self.dtypes:
             accepted = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             reasons.append(f"dtype {q.dtype} is not supported (accepted: {accepted})")
-        if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
-            reasons.append(f"head dim {q.shape[-1]} exceeds its maximum {self.max_head_dim}")
+        limit = self.max_head_dim.get(op)
+        for name, size in head_dims.items():
+            if limit is not None and size > limit:
+                reasons.append(f"{name} {size} exceeds its maximum {limit} for {op}")
         return reasons
 
 
@@ -84,7 +87,7 @@ class CudaBackend(ExtensionBackend):
 
     name = device_type = "cuda"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    max_head_dim = 256
+    max_head_dim = {"am_flow": 256, "attention_colsum": 256, "linear_attention": 128}
 
 
 class TritonBackend(Backend):
@@ -92,7 +95,7 @@ class TritonBackend(Backend):
 
     name = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    max_head_dim = 256
+    max_head_dim = {"am_flow": 256, "attention_colsum": 256, "linear_attention": 128}
 
     def unavailable(self, device: torch.device) -> str | None:
         if _TRITON_ERROR is not None:
@@ -122,12 +125,16 @@ def _describe(q: torch.Tensor) -> str:
     return f"q of shape {tuple(q.shape)}, dtype {q.dtype}, device {q.device}"
 
 
-def select(op: str, backend: str, q: torch.Tensor) -> str:
-    """The backend that runs ``op`` on ``q``, or an error that says why none can."""
+def select(op: str, backend: str, q: torch.Tensor, head_dims: dict[str, int] | None = None) -> str:
+    """The backend that runs ``op`` on ``q``, or an error that says why none can.
+
+    ``head_dims`` names the sizes a backend's head-dim limit applies to (default: q's D)."""
+    if head_dims is None:
+        head_dims = {"head dim": q.shape[-1]}
     if backend not in ACCEPTED:
         raise ValueError(f"{op}: backend must be one of {ACCEPTED}, got {backend!r}")
     if backend != "auto":
-        reasons = BACKENDS[backend].not_supported_reasons(q)
+        reasons = BACKENDS[backend].not_supported_reasons(op, q, head_dims)
         if reasons:
             raise RuntimeError(
                 f"{op}: backend {backend!r} cannot run {_describe(q)}: " + "; ".join(reasons)
@@ -141,9 +148,9 @@ def select(op: str, backend: str, q: torch.Tensor) -> str:
     if not fused:
         return "reference"
     for candidate in fused:
-        if not candidate.not_supported_reasons(q):
+        if not candidate.not_supported_reasons(op, q, head_dims):
             return candidate.name
-    details = "; ".join(f"{b.name}: " + ", ".join(b.not_supported_reasons(q)) for b in fused)
+    details = "; ".join(f"{b.name}: " + ", ".join(b.not_supported_reasons(op, q, head_dims)) for b in fused)
     raise ValueError(
         f"{op}: no fused backend on {q.device.type} accepts {_describe(q)} ({details}); "
         "pass backend='reference' to run the unfused formulas"

@@ -100,3 +100,43 @@ def check_attention_colsum(q, k, scale) -> float:
         )
     _check_tokens(op, q)
     return check_scale(op, scale, q.shape[-1])
+
+
+def check_linear_attention(q, k, v, eps) -> float:
+    """Validate ``linear_attention``'s inputs; return eps as a float."""
+    op = "linear_attention"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: q.dtype must be one of float16, bfloat16, float32, float64, got {q.dtype}"
+        )
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{op}: {name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{op}: {name}.device must equal q.device ({q.device}), got {x.device}")
+    if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(
+            f"{op}: q, k, v must have shapes (..., Nq, D), (..., Nk, D), (..., Nk, Dv) with the "
+            f"same leading dims, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"{op}: k.shape must be (..., Nk, D) = ({', '.join(map(str, q.shape[:-2]))}, Nk, "
+            f"{q.shape[-1]}) to match q {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(
+            f"{op}: v.shape must be (..., Nk, Dv) with the leading dims and Nk of k "
+            f"{tuple(k.shape)}, got {tuple(v.shape)}"
+        )
+    if min(q.shape[-2:]) < 1 or k.shape[-2] < 1 or v.shape[-1] < 1:
+        raise ValueError(
+            f"{op}: q, k, v need at least one token and one channel (Nq, Nk, D, Dv ≥ 1), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite float ≥ 0, got {eps!r}")
+    return float(eps)

@@ -12,8 +12,9 @@ frame t for one (clip, head); softmax_j normalises each row over the keys j.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["am_flow", "attention_colsum", "as_frames"]
+__all__ = ["am_flow", "attention_colsum", "linear_attention", "as_frames"]
 
 
 def as_frames(x: torch.Tensor, num_frames: int | None) -> torch.Tensor:
@@ -51,3 +52,17 @@ def attention_colsum(
         scale = q.shape[-1] ** -0.5
     scores = scale * (q @ k.transpose(-1, -2))
     return scores.softmax(dim=-1).sum(dim=-2)
+
+
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-6
+) -> torch.Tensor:
+    """out_i = φ(q_i)ᵀ (Σ_j φ(k_j) v_jᵀ) / (φ(q_i)ᵀ Σ_j φ(k_j) + eps), φ(x) = elu(x) + 1.
+
+    q: (..., Nq, D), k: (..., Nk, D), v: (..., Nk, Dv) → (..., Nq, Dv). The einsum form of
+    fast-transformers' non-causal ``LinearAttention``.
+    """
+    phi_q, phi_k = F.elu(q) + 1, F.elu(k) + 1
+    kv = phi_k.transpose(-1, -2) @ v  # (..., D, Dv)
+    normaliser = phi_q @ phi_k.sum(-2).unsqueeze(-1) + eps  # (..., Nq, 1)
+    return (phi_q @ kv) / normaliser

@@ -7,6 +7,12 @@
 //   not paired: out[b, p, h, j] = Σ_i softmax_j(scale·S_p)[i, j]                    (colsum)
 // with S_t = Q_t K_tᵀ. The forward also returns fp32 row statistics stats[b, p, h, i] =
 // (m_i, log2 Σ_j 2^{(x_ij − m_i)·log2 e}); the backward returns (dq, dk), contiguous.
+//
+// linear_attention: non-causal linear attention with φ(x) = elu(x) + 1 on q (B, H, Nq, D),
+// k (B, H, Nk, D), v (B, H, Nk, Dv) of any strides:
+//   out_i = φ(q_i)ᵀ KV / (φ(q_i)·z + eps),   KV = Σ_j φ(k_j) v_jᵀ,   z = Σ_j φ(k_j).
+// The forward returns (out, KV, z), the state in float32 (float64 for float64 inputs); the
+// backward returns (dq, dk, dv), contiguous.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -24,4 +30,8 @@ TORCH_LIBRARY(amflow, m) {
   m.def(
       "softmax_colsum_bwd(Tensor grad, Tensor q, Tensor k, Tensor stats, int offset, bool paired, "
       "float scale) -> (Tensor, Tensor)");
+  m.def("linear_attention_fwd(Tensor q, Tensor k, Tensor v, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor kv, Tensor z, float eps) -> "
+      "(Tensor, Tensor, Tensor)");
 }

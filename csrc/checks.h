@@ -27,4 +27,40 @@ inline void check_softmax_colsum_grad(const char* backend, const at::Tensor& gra
               ", got ", grad.sizes());
 }
 
+inline void check_linear_attention_inputs(const char* backend, const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "linear_attention (", backend,
+              "): q, k, v must have shapes (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv), got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), "linear_attention (",
+              backend, "): k.shape must be (B, H, Nk, D) matching q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), "linear_attention (",
+              backend, "): v.shape must be (B, H, Nk, Dv) matching k ", k.sizes(), ", got ", v.sizes());
+  for (const auto* x : {&k, &v}) {
+    TORCH_CHECK(x->scalar_type() == q.scalar_type(), "linear_attention (", backend,
+                "): k and v must have q's dtype ", q.scalar_type(), ", got ", x->scalar_type());
+    TORCH_CHECK(x->device() == q.device(), "linear_attention (", backend, "): k and v must be on q's device ",
+                q.device(), ", got ", x->device());
+  }
+}
+
+// The state dtype of linear_attention: float32, float64 for float64 inputs.
+inline at::ScalarType linear_attention_state_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_linear_attention_grad(const char* backend, const at::Tensor& grad, const at::Tensor& q,
+                                        const at::Tensor& v, const at::Tensor& kv, const at::Tensor& z) {
+  const std::vector<int64_t> out_shape{q.size(0), q.size(1), q.size(2), v.size(3)};
+  const std::vector<int64_t> kv_shape{q.size(0), q.size(1), q.size(3), v.size(3)};
+  const std::vector<int64_t> z_shape{q.size(0), q.size(1), q.size(3)};
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(out_shape), "linear_attention_bwd (", backend,
+              "): grad must have shape ", out_shape, ", got ", grad.sizes());
+  const auto state = linear_attention_state_dtype(q);
+  TORCH_CHECK(kv.sizes() == at::IntArrayRef(kv_shape) && kv.scalar_type() == state, "linear_attention_bwd (",
+              backend, "): kv must be ", state, " of shape ", kv_shape, ", got ", kv.scalar_type(), " ", kv.sizes());
+  TORCH_CHECK(z.sizes() == at::IntArrayRef(z_shape) && z.scalar_type() == state, "linear_attention_bwd (", backend,
+              "): z must be ", state, " of shape ", z_shape, ", got ", z.scalar_type(), " ", z.sizes());
+}
+
 }  // namespace amflow
