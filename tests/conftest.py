@@ -20,7 +20,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import target_params  # noqa: E402  (after TRITON_INTERPRET is set)
+from helpers import BACKEND_TARGETS, target_params  # noqa: E402  (after TRITON_INTERPRET is set)
 
 SESSION_SEED = int(os.environ.get("AMFLOW_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
@@ -51,5 +51,13 @@ def _nan_poisoned_allocations(monkeypatch):
 def target(request, monkeypatch):
     """Each fused backend on each device (Triton twice: resident and blocked forward), skipped
     with the reason where it cannot run. Returns (backend, device)."""
+    device = request.param.activate(monkeypatch)
+    return request.param.backend, device
+
+
+@pytest.fixture(params=target_params(targets=BACKEND_TARGETS))
+def backend_target(request, monkeypatch):
+    """Each fused backend on each device once, skipped with the reason where it cannot run.
+    Returns (backend, device)."""
     device = request.param.activate(monkeypatch)
     return request.param.backend, device

@@ -169,10 +169,14 @@ TARGETS = [
 ]
 
 
-def target_params(device: str | None = None, with_dtypes: bool = False):
-    """pytest params over TARGETS (on ``device``), each target alone or with each of its dtypes."""
+# Each fused backend once per device, for ops with a single forward path.
+BACKEND_TARGETS = [Target("triton", "cpu"), Target("cpu", "cpu"), Target("triton", "cuda"), Target("cuda", "cuda")]
+
+
+def target_params(device: str | None = None, with_dtypes: bool = False, targets=TARGETS):
+    """pytest params over ``targets`` (on ``device``), each alone or with each of its dtypes."""
     marks = lambda t: [pytest.mark.gpu] if t.device == "cuda" else []  # noqa: E731
-    targets = [t for t in TARGETS if device in (None, t.device)]
+    targets = [t for t in targets if device in (None, t.device)]
     if not with_dtypes:
         return [pytest.param(t, id=t.id, marks=marks(t)) for t in targets]
     return [

@@ -77,6 +77,12 @@ struct FeatureBlock {
   at::Tensor grad(int64_t rows) const { return dphi.narrow(0, 0, rows); }
 };
 
+// den_i = φ(q_i)·z + eps as a (rows, 1) column. Sums here and below are at:: reductions, not
+// BLAS gemv, whose summation order can depend on the thread count.
+at::Tensor normaliser(const at::Tensor& phi_q, const at::Tensor& z, double eps) {
+  return (phi_q * z).sum(1, /*keepdim=*/true).add_(eps);
+}
+
 template <typename scalar_t>
 void forward_task(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double eps, at::Tensor kv,
                   at::Tensor z, at::Tensor out) {
@@ -95,7 +101,7 @@ void forward_task(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const auto phi_q = features.load(q, r0, rows);
     auto out_rows = out.narrow(0, r0, rows);
     at::mm_out(out_rows, phi_q, kv);
-    out_rows.div_(at::mv(phi_q, z).add_(eps).unsqueeze(1));
+    out_rows.div_(normaliser(phi_q, z, eps));
   }
 }
 
@@ -110,14 +116,14 @@ void backward_task(const at::Tensor& grad, const at::Tensor& q, const at::Tensor
   for (int64_t r0 = 0; r0 < nq; r0 += kTokenBlock) {
     const int64_t rows = std::min(kTokenBlock, nq - r0);
     const auto phi_q = features.load(q, r0, rows);
-    const auto den = at::mv(phi_q, z).add_(eps).unsqueeze(1);          // (rows, 1)
+    const auto den = normaliser(phi_q, z, eps);                        // (rows, 1)
     const auto u = grad.narrow(0, r0, rows).div(den);                  // g / den
     const auto w = (u * at::mm(phi_q, kv)).sum(1, true).neg_().div_(den);  // −(g · out) / den
     auto dq_rows = dq.narrow(0, r0, rows);
     at::mm_out(dq_rows, u, kv.t());
     dq_rows.add_(w * z).mul_(features.grad(rows));
     dkv.addmm_(phi_q.t(), u);
-    dz.add_(at::mv(phi_q.t(), w.squeeze(1)));
+    dz.add_((phi_q * w).sum(0));
   }
   for (int64_t r0 = 0; r0 < nk; r0 += kTokenBlock) {
     const int64_t rows = std::min(kTokenBlock, nk - r0);

@@ -1,0 +1,301 @@
+"""linear_attention: every fused backend against the float64 reference, values and gradients."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import BACKEND_TARGETS, as_float64_leaves, assert_close, rel_rms, require_backend, target_params
+
+import amflow_kernels
+from amflow_kernels import reference
+from amflow_kernels.ops import linear_attention as la_module
+
+TOKENS = (1, 3, 17, 64, 197, 1370)
+HEAD_DIMS = (8, 12, 32, 64)
+LAYOUTS = ("contiguous", "projection", "transposed")
+# The full grid N × D × Dv, the layouts taking turns so each meets every size.
+GRID = [
+    (n, d, dv, LAYOUTS[i % len(LAYOUTS)])
+    for i, (n, d, dv) in enumerate(itertools.product(TOKENS, HEAD_DIMS, HEAD_DIMS))
+]
+
+
+def make_qkv(layout, lead, nq, nk, d, dv, dtype, device, scale=1.0):
+    """q (*lead, Nq, D), k (*lead, Nk, D), v (*lead, Nk, Dv) as leaf tensors in a layout users pass.
+
+    contiguous: fresh tensors. projection: (B, H, N, ·) views of one fused projection
+    (B, N, H·(2D + Dv)) as multi-head layers make them (Nq = Nk). transposed: views of
+    (*lead, ·, N) tensors, no unit stride on the channel dim.
+    """
+    if layout == "contiguous":
+        q = torch.randn(*lead, nq, d, device=device, dtype=dtype)
+        k = torch.randn(*lead, nk, d, device=device, dtype=dtype)
+        v = torch.randn(*lead, nk, dv, device=device, dtype=dtype)
+    elif layout == "projection":
+        assert nq == nk and len(lead) == 2
+        b, h = lead
+        x = torch.randn(b, nq, h * (2 * d + dv), device=device, dtype=dtype)
+        q, k, v = (
+            part.unflatten(-1, (h, -1)).transpose(1, 2) for part in x.split([h * d, h * d, h * dv], dim=-1)
+        )
+    elif layout == "transposed":
+        q = torch.randn(*lead, d, nq, device=device, dtype=dtype).transpose(-1, -2)
+        k = torch.randn(*lead, d, nk, device=device, dtype=dtype).transpose(-1, -2)
+        v = torch.randn(*lead, dv, nk, device=device, dtype=dtype).transpose(-1, -2)
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return [(t * scale).detach().requires_grad_() for t in (q, k, v)]
+
+
+def la_params(device: str):
+    """(target, dtype) params. The Triton kernels multiply in fp32, so unlike the colsum
+    kernels they run bfloat16 correctly under the interpreter too."""
+    params = []
+    for param in target_params(device, targets=BACKEND_TARGETS):
+        (target,) = param.values
+        dtypes = target.dtypes
+        if target.backend == "triton" and torch.bfloat16 not in dtypes:
+            dtypes = [*dtypes, torch.bfloat16]
+        params += [
+            pytest.param(target, dt, id=f"{target.id}-{str(dt).removeprefix('torch.')}", marks=param.marks)
+            for dt in dtypes
+        ]
+    return params
+
+
+def check_against_reference(q, k, v, backend, eps=1e-6, with_lowp=True):
+    """Fused values and q/k/v gradients against the float64 reference (and, in 16-bit dtypes,
+    no more than twice the error of the reference run in that dtype)."""
+    out = amflow_kernels.linear_attention(q, k, v, eps=eps, backend=backend)
+    assert out.dtype == q.dtype and out.shape == (*q.shape[:-1], v.shape[-1])
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    q64, k64, v64 = as_float64_leaves(q, k, v)
+    ref = reference.linear_attention(q64, k64, v64, eps=eps)
+    ref.backward(grad.double())
+    lowp = [None] * 4
+    if with_lowp:
+        ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
+        ref_lowp = reference.linear_attention(ql, kl, vl, eps=eps)
+        ref_lowp.backward(grad)
+        lowp = [ref_lowp, ql.grad, kl.grad, vl.grad]
+    for name, fused, expected, same_dtype in zip(
+        ("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), (ref, q64.grad, k64.grad, v64.grad), lowp
+    ):
+        assert_close(name, fused, expected, same_dtype)
+
+
+def grid_eps(n: int) -> float:
+    """The default eps, but 10 for a single token. There dq and dk are exactly
+    φ'(q)⊙φ(k)·(g·v)·eps/den², a difference of terms den/eps times larger: at eps = 1e-6 they
+    are below fp32 (and near float64) resolution and every implementation's dq, dk, PyTorch's
+    included, is rounding noise. With eps = 10 (den ~ 1.3·D + eps) they are well conditioned."""
+    return 10.0 if n == 1 else 1e-6
+
+
+@pytest.mark.parametrize("target, dtype", la_params("cpu"))
+@pytest.mark.parametrize("n, d, dv, layout", GRID, ids=[f"N{n}-D{d}-Dv{dv}-{lay}" for n, d, dv, lay in GRID])
+def test_grid_cpu(n, d, dv, layout, target, dtype, monkeypatch):
+    device = target.activate(monkeypatch)
+    check_against_reference(*make_qkv(layout, (2, 3), n, n, d, dv, dtype, device), target.backend, grid_eps(n))
+
+
+@pytest.mark.parametrize("target, dtype", la_params("cuda"))
+@pytest.mark.parametrize("n, d, dv, layout", GRID, ids=[f"N{n}-D{d}-Dv{dv}-{lay}" for n, d, dv, lay in GRID])
+def test_grid_cuda(n, d, dv, layout, target, dtype, monkeypatch):
+    device = target.activate(monkeypatch)
+    check_against_reference(*make_qkv(layout, (4, 12), n, n, d, dv, dtype, device), target.backend, grid_eps(n))
+
+
+# (leading dims, Nq, Nk, D, Dv, eps): every rank, cross attention (Nq ≠ Nk), head dims up to
+# the kernels' maximum, and the normaliser's eps at 0 and large (one key: see grid_eps).
+SHAPES = [
+    ((), 5, 9, 8, 16, 1e-6),
+    ((3,), 33, 7, 16, 8, 1e-6),
+    ((2, 2), 70, 130, 40, 24, 0.0),
+    ((2, 1, 3), 20, 20, 128, 128, 1e-6),
+    ((1, 2, 1, 2), 65, 1, 96, 100, 50.0),
+]
+
+
+@pytest.mark.parametrize("lead, nq, nk, d, dv, eps", SHAPES, ids=[f"{s[0]}-{s[1]}x{s[2]}-{s[3]}x{s[4]}" for s in SHAPES])
+@pytest.mark.parametrize("target", target_params(targets=BACKEND_TARGETS))
+def test_shapes(lead, nq, nk, d, dv, eps, target, monkeypatch):
+    device = target.activate(monkeypatch)
+    check_against_reference(*make_qkv("contiguous", lead, nq, nk, d, dv, torch.float32, device), target.backend, eps)
+
+
+@pytest.mark.parametrize("target", target_params(targets=BACKEND_TARGETS))
+def test_fp16_long_sequence_large_activations(target, monkeypatch):
+    """fp16, N = 4096, activations of ±30: the fp16 reference overflows its D × Dv state (fast-
+    transformers' NaN under AMP), the fused kernels' fp32 state does not."""
+    device = target.activate(monkeypatch)
+    if torch.float16 not in target.dtypes:
+        pytest.skip(reason=f"the {target.backend} backend does not take float16 (accepted: {target.dtypes})")
+    q, k, v = make_qkv("contiguous", (1, 2), 4096, 4096, 64, 64, torch.float16, device, scale=30.0)
+    with torch.no_grad():
+        assert not torch.isfinite(reference.linear_attention(q, k, v)).all(), "the fp16 reference no longer overflows"
+    check_against_reference(q, k, v, target.backend, with_lowp=False)
+
+
+def test_deterministic(backend_target):
+    backend, device = backend_target
+    q, k, v = make_qkv("projection", (2, 3), 300, 300, 32, 32, torch.float32, device)
+    runs = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        out = amflow_kernels.linear_attention(q, k, v, backend=backend)
+        out.backward(torch.ones_like(out).cumsum(-2))
+        runs.append((out, q.grad, k.grad, v.grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_nan_stays_in_its_head(backend_target):
+    """A NaN key poisons its own (batch, head), as in the reference, and nothing else."""
+    backend, device = backend_target
+    q, k, v = (t.detach() for t in make_qkv("contiguous", (2, 3), 40, 40, 16, 16, torch.float32, device))
+    k[1, 2, 7, 3] = float("nan")
+    v[0, 1, 5, 0] = float("inf")
+    out = amflow_kernels.linear_attention(q, k, v, backend=backend)
+    ref = reference.linear_attention(q.double(), k.double(), v.double())
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert rel_rms(out[finite], ref[finite]) < 1e-5
+
+
+def test_large_activations_fp32(backend_target):
+    """|q|, |k| ~ 100: φ(x) = x + 1 and e^x for large |x| stay exact in fp32."""
+    backend, device = backend_target
+    check_against_reference(*make_qkv("contiguous", (2, 2), 97, 97, 32, 16, torch.float32, device, scale=100.0), backend)
+
+
+def test_only_some_inputs_require_grad(backend_target):
+    backend, device = backend_target
+    q, k, v = make_qkv("contiguous", (1, 2), 19, 23, 16, 8, torch.float32, device)
+    k.requires_grad_(False)
+    out = amflow_kernels.linear_attention(q, k, v, backend=backend)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    q64, v64 = as_float64_leaves(q, v)
+    reference.linear_attention(q64, k.double(), v64).backward(grad.double())
+    assert k.grad is None
+    assert_close("dq", q.grad, q64.grad)
+    assert_close("dv", v.grad, v64.grad)
+
+
+def test_empty_batch(backend_target):
+    backend, device = backend_target
+    q, k, v = make_qkv("contiguous", (0, 2), 9, 9, 16, 8, torch.float32, device)
+    out = amflow_kernels.linear_attention(q, k, v, backend=backend)
+    assert out.shape == (0, 2, 9, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and v.grad.shape == v.shape
+
+
+def test_opcheck(backend_target):
+    backend, device = backend_target
+    q, k, v = (t.detach() for t in make_qkv("projection", (2, 3), 37, 37, 16, 24, torch.float32, device))
+    if backend == "triton":
+        fwd, bwd = la_module.linear_attention_fwd_triton, la_module.linear_attention_bwd_triton
+    else:
+        fwd, bwd = torch.ops.amflow.linear_attention_fwd, torch.ops.amflow.linear_attention_bwd
+    for requires_grad in (True, False):
+        args = [t.clone().requires_grad_(requires_grad) for t in (q, k, v)]
+        torch.library.opcheck(fwd, (*args, 1e-6))
+    out, kv, z = fwd(q, k, v, 1e-6)
+    torch.library.opcheck(bwd, (torch.randn_like(out), q, k, v, kv, z, 1e-6))
+
+
+def test_compile_fullgraph(backend_target):
+    """torch.compile(fullgraph=True) of the public op, forward and backward, equals eager."""
+    backend, device = backend_target
+    torch._dynamo.reset()
+    q, k, v = make_qkv("projection", (2, 3), 37, 37, 16, 24, torch.float32, device)
+
+    def loss(q, k, v):
+        out = amflow_kernels.linear_attention(q, k, v, backend=backend)
+        return (out * out).sum(), out
+
+    value, out = torch.compile(loss, fullgraph=True)(q, k, v)
+    value.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    eager_value, eager_out = loss(q, k, v)
+    eager_value.backward()
+    torch.testing.assert_close(out, eager_out, rtol=1e-6, atol=1e-6)
+    for grad, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(grad, t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_backend_independent_of_threads():
+    require_backend("cpu", "cpu")
+    q, k, v = make_qkv("projection", (2, 3), 300, 300, 24, 40, torch.float32, "cpu")
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for t in (q, k, v):
+                t.grad = None
+            out = amflow_kernels.linear_attention(q, k, v, backend="cpu")
+            out.backward(torch.ones_like(out).cumsum(-2))
+            runs.append((out, q.grad, k.grad, v.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def _qkv(nq=4, nk=4, d=8, dv=8, dtype=torch.float32, lead=(1, 2)):
+    return dict(
+        q=torch.zeros(*lead, nq, d, dtype=dtype), k=torch.zeros(*lead, nk, d, dtype=dtype),
+        v=torch.zeros(*lead, nk, dv, dtype=dtype),
+    )
+
+
+BAD_INPUTS = [
+    (dict(q=[1.0]), TypeError, r"linear_attention: q must be a torch.Tensor, got list"),
+    (dict(v=torch.zeros(1, 2, 4, 8, dtype=torch.float64)), TypeError, r"v.dtype must equal q.dtype \(torch.float32\), got torch.float64"),
+    (dict(_qkv(dtype=torch.int64)), TypeError, r"q.dtype must be one of float16, bfloat16, float32, float64, got torch.int64"),
+    (dict(k=torch.zeros(1, 2, 4, 8, device="meta")), ValueError, r"k.device must equal q.device \(cpu\), got meta"),
+    (dict(q=torch.zeros(8)), ValueError, r"must have shapes \(..., Nq, D\), \(..., Nk, D\), \(..., Nk, Dv\)"),
+    (dict(k=torch.zeros(1, 3, 4, 8)), ValueError, r"k.shape must be \(..., Nk, D\) = \(1, 2, Nk, 8\) to match q \(1, 2, 4, 8\), got \(1, 3, 4, 8\)"),
+    (dict(k=torch.zeros(1, 2, 4, 9)), ValueError, r"k.shape must be .* got \(1, 2, 4, 9\)"),
+    (dict(v=torch.zeros(1, 2, 5, 8)), ValueError, r"v.shape must be \(..., Nk, Dv\) .* got \(1, 2, 5, 8\)"),
+    (dict(_qkv(nk=0)), ValueError, r"at least one token and one channel"),
+    (dict(eps=-1e-3), ValueError, r"eps must be a finite float ≥ 0, got -0.001"),
+    (dict(eps=float("inf")), ValueError, r"eps must be a finite float ≥ 0, got inf"),
+    (dict(backend="flash"), ValueError, r"backend must be one of \('auto', 'reference', 'triton', 'cuda', 'cpu'\), got 'flash'"),
+    (dict(_qkv(dtype=torch.float16), backend="cpu"), RuntimeError, r"backend 'cpu' cannot run .*dtype torch.float16 is not supported"),
+    (dict(_qkv(d=130), backend="triton"), RuntimeError, r"backend 'triton' cannot run .*D 130 exceeds its maximum 128 for linear_attention"),
+    (dict(_qkv(dv=200), backend="triton"), RuntimeError, r"Dv 200 exceeds its maximum 128 for linear_attention"),
+    (dict(_qkv(dtype=torch.float64), backend="triton"), RuntimeError, r"dtype torch.float64 is not supported \(accepted: float16, bfloat16, float32\)"),
+]
+
+
+@pytest.mark.parametrize("bad, error, message", BAD_INPUTS, ids=[m[:40] for _, _, m in BAD_INPUTS])
+def test_bad_input(bad, error, message):
+    args = {**_qkv(), **bad}
+    with pytest.raises(error, match=message):
+        amflow_kernels.linear_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+EXTENSION_BAD_INPUTS = [
+    ((torch.zeros(2, 4, 8),) * 3, r"q, k, v must have shapes \(B, H, Nq, D\)"),
+    ((torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 6), torch.zeros(1, 2, 4, 8)), r"k.shape must be \(B, H, Nk, D\) matching q"),
+    ((torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 5, 8)), r"v.shape must be \(B, H, Nk, Dv\) matching k"),
+    ((torch.zeros(1, 2, 4, 8, dtype=torch.float16),) * 3, r"q.dtype must be float32 or float64, got Half"),
+]
+
+
+@pytest.mark.parametrize("args, message", EXTENSION_BAD_INPUTS, ids=[m[:30] for _, m in EXTENSION_BAD_INPUTS])
+def test_extension_bad_input(args, message):
+    """Called directly, the compiled op checks its inputs too (the public API checks first)."""
+    require_backend("cpu", "cpu")
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.amflow.linear_attention_fwd(*args, 1e-6)
