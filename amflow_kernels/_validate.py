@@ -55,9 +55,9 @@ def check_scale(op: str, scale, head_dim: int) -> float:
     return float(scale)
 
 
-def check_am_flow(q, k, num_frames, offset, scale) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Validate ``am_flow``'s inputs; return (B, T, H, N, D) views of q, k and the scale."""
-    op = "am_flow"
+def check_frames(op: str, q, k, num_frames, scale) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Validate per-frame q, k (``(B, T, H, N, D)``, or ``(B·T, H, N, D)`` with ``num_frames``);
+    return (B, T, H, N, D) views of q, k and the scale."""
     _check_pair(op, q, k)
     if num_frames is None:
         if q.dim() != 5:
@@ -80,6 +80,13 @@ def check_am_flow(q, k, num_frames, offset, scale) -> tuple[torch.Tensor, torch.
             )
         q, k = as_frames(q, num_frames), as_frames(k, num_frames)
     _check_tokens(op, q)
+    return q, k, check_scale(op, scale, q.shape[-1])
+
+
+def check_am_flow(q, k, num_frames, offset, scale) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Validate ``am_flow``'s inputs; return (B, T, H, N, D) views of q, k and the scale."""
+    op = "am_flow"
+    q, k, scale = check_frames(op, q, k, num_frames, scale)
     if not _is_int(offset) or offset < 1:
         raise ValueError(f"{op}: offset must be an int ≥ 1, got {offset!r}")
     frames = q.shape[1]
@@ -87,7 +94,7 @@ def check_am_flow(q, k, num_frames, offset, scale) -> tuple[torch.Tensor, torch.
         raise ValueError(
             f"{op}: the number of frames T must exceed offset (T > {offset}), got T={frames}"
         )
-    return q, k, check_scale(op, scale, q.shape[-1])
+    return q, k, scale
 
 
 def check_attention_colsum(q, k, scale) -> float:

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "dispatch.h"
 #include "softmax_colsum.cuh"
 
 namespace amflow {
@@ -43,17 +44,6 @@ cuda::ColsumParams make_params(const at::Tensor& q, const at::Tensor& k, int64_t
   return p;
 }
 
-// Calls f with a value of the CUDA element type of `dtype`.
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kHalf: return f(__half{});
-    case at::kBFloat16: return f(__nv_bfloat16{});
-    default: TORCH_CHECK(false, "softmax_colsum (cuda): unsupported dtype ", dtype);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> softmax_colsum_fwd_cuda(const at::Tensor& q, const at::Tensor& k, int64_t offset,
                                                            bool paired, double scale) {
   check_inputs(q, k, offset, paired);
@@ -64,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_colsum_fwd_cuda(const at::Tensor& q, 
   if (out.numel() == 0) return {out, stats};
   p.out = out.data_ptr();
   p.stats = stats.data_ptr<float>();
-  dispatch_dtype(q.scalar_type(), [&](auto element) {
+  dispatch_dtype("softmax_colsum (cuda)", q.scalar_type(), [&](auto element) {
     C10_CUDA_CHECK(cuda::launch_forward<decltype(element)>(p, c10::cuda::getCurrentCUDAStream()));
   });
   return {out, stats};
@@ -93,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_colsum_bwd_cuda(const at::Tensor& gra
   p.stats_bwd = stats_bwd.data_ptr<float>();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
-  dispatch_dtype(q.scalar_type(), [&](auto element) {
+  dispatch_dtype("softmax_colsum (cuda)", q.scalar_type(), [&](auto element) {
     C10_CUDA_CHECK(cuda::launch_backward<decltype(element)>(p, c10::cuda::getCurrentCUDAStream()));
   });
   return {dq, dk};

@@ -23,6 +23,8 @@
 
 #include <cstdint>
 
+#include "elements.cuh"
+
 namespace amflow::cuda {
 
 constexpr int kTile = 32;                      // rows and columns of a score tile
@@ -50,19 +52,6 @@ struct ColsumParams {
   void* dq;          // (B, T, H, N, D), contiguous
   void* dk;
 };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Reductions over the 8 lanes that share a row (consecutive lanes of one warp).
 __device__ __forceinline__ float row_max8(float v) {
