@@ -3,7 +3,7 @@
 1. versions of amflow_kernels, Python, torch, CUDA and Triton;
 2. every backend on every local device: available, or why not;
 3. each available fused backend checked against the float64 reference on a small case
-   (values and gradients of am_flow and attention_colsum);
+   (values and gradients of am_flow, attention_colsum and linear_attention);
 4. am_flow timed against the eager reference on the local device.
 
 Exits with status 1 if a check fails.
@@ -61,28 +61,31 @@ def _rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _check(backend: str, device: str) -> bool:
-    """am_flow and attention_colsum of one backend against the float64 reference."""
+    """Each op of one backend against the float64 reference: value and every input gradient."""
     generator = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, 3, 2, 37, 40, generator=generator) for _ in range(2))
-    grad_flow = torch.randn(2, 2, 2, 37, generator=generator)
-    grad_colsum = torch.randn(2, 3, 2, 37, generator=generator)
+    v = torch.randn(2, 3, 2, 37, 24, generator=generator)
+    cases = (
+        ("am_flow", (q, k), torch.randn(2, 2, 2, 37, generator=generator)),
+        ("attention_colsum", (q, k), torch.randn(2, 3, 2, 37, generator=generator)),
+        ("linear_attention", (q, k, v), torch.randn(2, 3, 2, 37, 24, generator=generator)),
+    )
     ok = True
-    for op, fn, grad in (
-        ("am_flow", amflow_kernels.am_flow, grad_flow),
-        ("attention_colsum", amflow_kernels.attention_colsum, grad_colsum),
-    ):
-        q32, k32 = (t.to(device).detach().requires_grad_() for t in (q, k))
-        q64, k64 = (t.double().detach().requires_grad_() for t in (q, k))
-        out = fn(q32, k32, backend=backend)
+    for op, inputs, grad in cases:
+        fused_inputs = [t.to(device).detach().requires_grad_() for t in inputs]
+        ref_inputs = [t.double().detach().requires_grad_() for t in inputs]
+        out = getattr(amflow_kernels, op)(*fused_inputs, backend=backend)
         out.backward(grad.to(device))
-        ref = getattr(reference, op)(q64, k64)
+        ref = getattr(reference, op)(*ref_inputs)
         ref.backward(grad.double())
-        errors = [_rel_rms(a.cpu(), b) for a, b in ((out, ref), (q32.grad, q64.grad), (k32.grad, k64.grad))]
+        errors = [_rel_rms(out.cpu(), ref)]
+        errors += [_rel_rms(a.grad.cpu(), b.grad) for a, b in zip(fused_inputs, ref_inputs)]
         passed = max(errors) <= CHECK_TOLERANCE
         ok &= passed
+        grads = ", ".join(f"d{name} {e:.1e}" for name, e in zip("qkv", errors[1:]))
         print(
-            f"  {device:4} {backend:9} {op:16} relative RMS error: value {errors[0]:.1e}, "
-            f"dq {errors[1]:.1e}, dk {errors[2]:.1e}  {'ok' if passed else 'FAILED'}"
+            f"  {device:4} {backend:9} {op:16} relative RMS error: value {errors[0]:.1e}, {grads}  "
+            f"{'ok' if passed else 'FAILED'}"
         )
     return ok
 

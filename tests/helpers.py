@@ -44,6 +44,33 @@ def make_qk(layout: str, B: int, T: int, H: int, N: int, D: int, dtype, device):
     return q.detach().requires_grad_(), k.detach().requires_grad_(), kwargs
 
 
+def make_qkv(layout, lead, nq, nk, d, dv, dtype, device, scale=1.0):
+    """q (*lead, Nq, D), k (*lead, Nk, D), v (*lead, Nk, Dv) as leaf tensors in a layout users pass.
+
+    contiguous: fresh tensors. projection: (B, H, N, ·) views of one fused projection
+    (B, N, H·(2D + Dv)) as multi-head layers make them (Nq = Nk). transposed: views of
+    (*lead, ·, N) tensors, no unit stride on the channel dim.
+    """
+    if layout == "contiguous":
+        q = torch.randn(*lead, nq, d, device=device, dtype=dtype)
+        k = torch.randn(*lead, nk, d, device=device, dtype=dtype)
+        v = torch.randn(*lead, nk, dv, device=device, dtype=dtype)
+    elif layout == "projection":
+        assert nq == nk and len(lead) == 2
+        b, h = lead
+        x = torch.randn(b, nq, h * (2 * d + dv), device=device, dtype=dtype)
+        q, k, v = (
+            part.unflatten(-1, (h, -1)).transpose(1, 2) for part in x.split([h * d, h * d, h * dv], dim=-1)
+        )
+    elif layout == "transposed":
+        q = torch.randn(*lead, d, nq, device=device, dtype=dtype).transpose(-1, -2)
+        k = torch.randn(*lead, d, nk, device=device, dtype=dtype).transpose(-1, -2)
+        v = torch.randn(*lead, dv, nk, device=device, dtype=dtype).transpose(-1, -2)
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return [(t * scale).detach().requires_grad_() for t in (q, k, v)]
+
+
 def as_float64_leaves(*tensors):
     return [t.detach().double().requires_grad_() for t in tensors]
 
