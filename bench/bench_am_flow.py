@@ -35,7 +35,7 @@ def _forward(provider, q, k, v, T):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device, shape_name, provider", workloads(PROVIDERS))
-def test_am_flow(device, shape_name, provider, mode, measure, record_failure):
+def test_am_flow(device, shape_name, provider, mode, measure):
     require_backend(provider if provider in FUSED else "reference", device)
     shape = shape_of(device, shape_name)
     T = shape[1]
@@ -46,10 +46,5 @@ def test_am_flow(device, shape_name, provider, mode, measure, record_failure):
             ref = reference.am_flow(q.double(), k.double(), num_frames=T)
         err = rel_rms(fused, ref)
         assert err <= REL_RMS_TOL[q.dtype], f"fused am_flow is off: relative RMS error {err:.3g}"
-    try:
-        measure("am_flow", device, shape_name, mode, provider, step(_forward(provider, q, k, v, T), mode, (q, k, v)), (q, k, v))
-    except Exception as error:  # a baseline that cannot run this shape is a result too
-        if provider in FUSED:
-            raise
-        record_failure("am_flow", device, shape_name, mode, provider, error)
-        pytest.xfail(f"{provider} cannot run this shape: {type(error).__name__}")
+    run = step(_forward(provider, q, k, v, T), mode, (q, k, v))
+    measure("am_flow", device, shape_name, mode, provider, run, (q, k, v), fused=provider in FUSED)

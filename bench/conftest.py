@@ -95,10 +95,22 @@ def _cpu_name() -> str:
 
 @pytest.fixture
 def measure(benchmark):
-    """measure(op, device, shape_name, mode, provider, fn, inputs): time ``fn`` and record it;
-    the memory probe starts with the inputs' gradients released."""
+    """measure(op, device, shape_name, mode, provider, fn, inputs, fused=...): time ``fn`` and
+    record it; the memory probe starts with the inputs' gradients released. A provider that is
+    not ours (``fused=False``) and cannot run the shape (e.g. torch.compile's InductorError)
+    is recorded as failing and the benchmark xfails; our own failures raise."""
 
-    def run(op: str, device: str, shape: str, mode: str, provider: str, fn, inputs) -> None:
+    def run(op: str, device: str, shape: str, mode: str, provider: str, fn, inputs, *, fused: bool) -> None:
+        try:
+            _measure(op, device, shape, mode, provider, fn, inputs)
+        except Exception as error:
+            if fused:
+                raise
+            RESULTS.append(dict(op=op, device=device, shape=shape, mode=mode, provider=provider,
+                                error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"))
+            pytest.xfail(f"{provider} cannot run this shape: {type(error).__name__}")
+
+    def _measure(op: str, device: str, shape: str, mode: str, provider: str, fn, inputs) -> None:
         def timed():
             fn()
             if device == "cuda":
@@ -119,17 +131,6 @@ def measure(benchmark):
             dict(op=op, device=device, shape=shape, mode=mode, provider=provider,
                  median_ms=benchmark.stats.stats.median * 1e3, peak_extra_mb=peak_mb)
         )
-
-    return run
-
-
-@pytest.fixture
-def record_failure():
-    """A provider that cannot run a shape (e.g. torch.compile's InductorError) is recorded."""
-
-    def run(op: str, device: str, shape: str, mode: str, provider: str, error: Exception) -> None:
-        RESULTS.append(dict(op=op, device=device, shape=shape, mode=mode, provider=provider,
-                            error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"))
 
     return run
 
