@@ -157,6 +157,9 @@ class AligningEncoder(nn.Module):
         """Encoded frames X: ``(B, T, N, dim)`` from a ViT block's q, k (the layouts of ``am_flow``:
         ``(B, T, H, N, D)``, or ``(B·T, H, N, D)`` with ``num_frames``), H = in_features."""
         q, k, scale = check_frames("AligningEncoder.frame_features", q, k, num_frames, scale)
+        return self._encode_frames(q, k, scale)
+
+    def _encode_frames(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         colsums = attention_colsum(q, k, scale=scale, backend=self.backend)  # (B, T, H, N)
         return self(colsums.transpose(-1, -2))
 
@@ -167,5 +170,5 @@ class AligningEncoder(nn.Module):
         """Aligned AM flow ``|X_t − X_{t+Δ}|``: ``(B, T−Δ, N, dim)``, for the inputs of
         :meth:`frame_features` and the frame distance ``offset`` = Δ."""
         q, k, scale = check_am_flow(q, k, num_frames, offset, scale)
-        x = self.frame_features(q, k, scale=scale)
+        x = self._encode_frames(q, k, scale)
         return (x[:, :-offset] - x[:, offset:]).abs()
