@@ -99,10 +99,25 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["amflow_kernels", "amflow_kernels.*"]),
+    packages=[
+        *find_packages(include=["amflow_kernels", "amflow_kernels.*"]),
+        *find_packages("python", include=["amflow_models", "amflow_models.*"]),
+    ],
+    package_dir={"amflow_models": "python/amflow_models"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.6", "triton>=3.0; platform_system == 'Linux'"],
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.0; platform_system == 'Linux'",
+        # the model package (python/amflow_models)
+        "timm>=1.0",
+        "av>=12",
+        "numpy",
+        "pillow",
+        "matplotlib",
+        "tqdm",
+    ],
+    entry_points={"console_scripts": ["amflow = amflow_models.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "numpy"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "numpy", "flash-colreduce"],

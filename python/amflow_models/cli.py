@@ -1,0 +1,206 @@
+"""``amflow`` (also ``python -m amflow_models``): synth, train, eval, visualize, demo."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+
+from .build import VARIANTS, ModelConfig, format_report, parameter_report
+from .tpm import TPM_KINDS
+
+
+def _blocks(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1-based block numbers like 1,12, got {text!r}") from None
+
+
+def _backbone_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value (e.g. img_size=224), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _add_runtime(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2, help="data loader processes")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--kernels", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"],
+                        help="amflow_kernels backend inside the model (reference: the unfused PyTorch ops)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amflow", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth", help="write the synthetic motion dataset")
+    synth.add_argument("out")
+    synth.add_argument("--train-per-class", type=int, default=100)
+    synth.add_argument("--val-per-class", type=int, default=30)
+    synth.add_argument("--size", type=int, default=32)
+    synth.add_argument("--frames", type=int, default=8)
+    synth.add_argument("--no-camera-motion", action="store_true")
+    synth.add_argument("--seed", type=int, default=0)
+
+    train = commands.add_parser("train", help="train a video model (checkpoints, metrics log)")
+    train.add_argument("--train-list", required=True)
+    train.add_argument("--val-list", required=True)
+    train.add_argument("--format", default="list", choices=["list", "kinetics", "ssv2"])
+    train.add_argument("--root", default=".", help="folder the annotation paths are relative to")
+    train.add_argument("--labels-file", help="class names: one per line (list, kinetics) or SSv2's labels.json")
+    train.add_argument("--skip-missing", action="store_true", help="drop listed clips that do not exist")
+    train.add_argument("--num-frames", type=int, default=8)
+    train.add_argument("--sampling", default="uniform", choices=["uniform", "dense"])
+    train.add_argument("--frame-interval", type=int, default=1, help="for dense sampling")
+    train.add_argument("--image-size", type=int, help="default: the backbone's")
+    train.add_argument("--min-scale", type=float, default=0.4, help="area range of the training crop")
+    train.add_argument("--no-flip", action="store_true", help="no horizontal flips in training")
+    train.add_argument("--backbone", default="vit_base_patch16_224", help="a timm ViT name (tag allowed)")
+    train.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights for the tag")
+    train.add_argument("--checkpoint-path", help="a local weights file for the backbone")
+    train.add_argument("--backbone-arg", type=_backbone_arg, action="append", default=[], metavar="KEY=VALUE",
+                       help="more timm.create_model arguments, e.g. img_size=224 (repeatable)")
+    train.add_argument("--variant", default="vanilla", choices=VARIANTS)
+    train.add_argument("--tpm", default="lstm", choices=TPM_KINDS)
+    train.add_argument("--adapter-dim", type=int, default=64)
+    train.add_argument("--adapter-blocks", type=_blocks, help="1-based, e.g. 1,12 (default: all)")
+    train.add_argument("--flow-blocks", type=_blocks, help="1-based blocks with AM flow (default: all adapted)")
+    train.add_argument("--offset", type=int, default=1, help="frame distance of AM flow")
+    train.add_argument("--aligner-dim", type=int, default=96)
+    train.add_argument("--aligner-depth", type=int, default=1)
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--weight-decay", type=float, default=0.05)
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", required=True, help="folder for checkpoints and metrics.jsonl")
+    _add_runtime(train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint (multi-view, confusion matrix)")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--list", help="annotation file (default: the checkpoint's val list)")
+    evaluate.add_argument("--clips", type=int, default=1, help="temporal clips per video")
+    evaluate.add_argument("--crops", type=int, default=1, choices=[1, 3], help="spatial crops per clip")
+    evaluate.add_argument("--json", help="write the metrics here")
+    _add_runtime(evaluate)
+
+    visualize = commands.add_parser("visualize", help="AM flow of a clip as a PNG (paper Fig. 5)")
+    visualize.add_argument("checkpoint")
+    visualize.add_argument("video", help="a video file or a folder of frames")
+    visualize.add_argument("--out", default="amflow.png")
+    visualize.add_argument("--num-frames", type=int, help="default: the checkpoint's")
+    visualize.add_argument("--kernels", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"])
+
+    demo = commands.add_parser("demo", help="synthetic data → image model → 4 video models, compared")
+    demo.add_argument("--out", default="amflow-demo")
+    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--image-epochs", type=int, default=12)
+    demo.add_argument("--train-per-class", type=int, default=100)
+    demo.add_argument("--val-per-class", type=int, default=30)
+    demo.add_argument("--tpm", default="lstm", choices=TPM_KINDS)
+    demo.add_argument("--workers", type=int, default=1)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _train(args) -> None:
+    from .data.annotations import load_annotations
+    from .engine import DataConfig, fit
+
+    _, classes = load_annotations(args.format, args.val_list, args.root, labels_file=args.labels_file,
+                                  skip_missing=args.skip_missing)
+    config = ModelConfig(
+        num_classes=len(classes), backbone=args.backbone, pretrained=args.pretrained,
+        checkpoint_path=args.checkpoint_path, backbone_kwargs=dict(args.backbone_arg), variant=args.variant,
+        tpm=args.tpm, adapter_dim=args.adapter_dim, adapter_blocks=args.adapter_blocks,
+        flow_blocks=args.flow_blocks, offset=args.offset, max_frames=max(32, args.num_frames),
+        aligner_dim=args.aligner_dim, aligner_depth=args.aligner_depth, kernels=args.kernels or "auto",
+    )
+    data = DataConfig(
+        train_list=args.train_list, val_list=args.val_list, format=args.format, root=args.root,
+        labels_file=args.labels_file, num_frames=args.num_frames, sampling=args.sampling,
+        frame_interval=args.frame_interval, image_size=args.image_size, skip_missing=args.skip_missing,
+        flip=not args.no_flip, min_scale=args.min_scale,
+    )
+    result = fit(config, data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                 weight_decay=args.weight_decay, workers=args.workers, device=args.device, compile=args.compile,
+                 resume=args.resume, seed=args.seed, progress=not args.no_progress)
+    best = result["best"]
+    print(f"best val top-1 {best['top1']:.4f}, top-5 {best['top5']:.4f} (epoch {best['epoch']}); "
+          f"checkpoints in {args.out}")
+
+
+def _eval(args) -> None:
+    import torch
+
+    from .engine import DataConfig, evaluate, load_checkpoint, make_loader
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, checkpoint = load_checkpoint(args.checkpoint, kernels=args.kernels, device=device)
+    data = DataConfig.from_dict(checkpoint["data_config"])
+    annotation_file = args.list or data.val_list
+    loader, classes = make_loader(data, annotation_file, train=False, batch_size=args.batch_size,
+                                  workers=args.workers, num_clips=args.clips, num_crops=args.crops)
+    metrics = evaluate(model, loader, device, progress=not args.no_progress)
+    print(format_report(parameter_report(model)))
+    print(f"{annotation_file}: {metrics['clips']} clips, {args.clips}×{args.crops} views: top-1 "
+          f"{metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, loss {metrics['loss']:.4f}")
+    width = max(len(c) for c in classes)
+    print("confusion matrix (rows: true class, columns: predicted):")
+    for name, row in zip(classes, metrics["confusion"]):
+        print(f"  {name:<{width}} " + " ".join(f"{n:>4}" for n in row))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"list": annotation_file, "classes": classes, **metrics}, indent=2))
+
+
+def _visualize(args) -> None:
+    from .data.dataset import uniform_indices
+    from .data.video_io import read_clip
+    from .engine import DataConfig, load_checkpoint
+    from .visualize import visualize_flow
+
+    model, checkpoint = load_checkpoint(args.checkpoint, kernels=args.kernels)
+    data = DataConfig.from_dict(checkpoint["data_config"])
+    frames = args.num_frames or data.num_frames
+    clip = read_clip(args.video, lambda total: uniform_indices(total, frames, train=False))
+    path = visualize_flow(model, clip, args.out, image_size=data.image_size, mean=data.mean, std=data.std)
+    print(f"wrote {path}")
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+             image_epochs=args.image_epochs, epochs=args.epochs, tpm=args.tpm, workers=args.workers,
+             seed=args.seed, progress=not args.no_progress)
+
+
+def _synth(args) -> None:
+    from .data.synthetic import generate_synthetic
+
+    root = generate_synthetic(args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                              num_frames=args.frames, size=args.size, camera_motion=not args.no_camera_motion,
+                              seed=args.seed)
+    print(f"wrote the synthetic motion dataset to {root} (train.txt, val.txt, classes.txt)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"synth": _synth, "train": _train, "eval": _eval, "visualize": _visualize, "demo": _demo}
+    try:
+        handlers[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"amflow {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

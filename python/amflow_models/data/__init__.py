@@ -1,0 +1,1 @@
+"""Annotation formats, clip reading/writing, sampling and augmentation, the synthetic set."""

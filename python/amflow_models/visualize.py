@@ -1,0 +1,76 @@
+"""AM flow as pictures (Figure 5 of the AM Flow paper): per block, the flow channels of every
+patch reduced to three by PCA and shown as RGB, one row per block, beside the input frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data.dataset import resize_short_side, spatial_crops
+
+
+def flow_to_rgb(flow: torch.Tensor) -> torch.Tensor:
+    """``(..., F)`` flow features → ``(..., 3)`` in [0, 1]: the first three principal components
+    over all positions, each scaled to its range (fewer than three channels are repeated)."""
+    samples = flow.reshape(-1, flow.shape[-1]).double()
+    samples = samples - samples.mean(0)
+    if samples.shape[1] >= 3:
+        _, _, v = torch.linalg.svd(samples, full_matrices=False)
+        samples = samples @ v[:3].T
+    else:
+        samples = samples[:, [i % samples.shape[1] for i in range(3)]]
+    low, high = samples.min(0).values, samples.max(0).values
+    rgb = (samples - low) / (high - low).clamp_min(1e-12)
+    return rgb.reshape(*flow.shape[:-1], 3).float()
+
+
+def prepare_clip(frames: torch.Tensor, image_size: int, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``(T, H, W, 3)`` → (the centre-cropped frames in [0, 1] ``(T, 3, S, S)``, the
+    normalised model input ``(1, T, 3, S, S)``)."""
+    video = frames.permute(0, 3, 1, 2).float().div(255)
+    shown = spatial_crops(resize_short_side(video, image_size), image_size, 1)[0]
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
+    return shown, ((shown - mean) / std)[None]
+
+
+@torch.no_grad()
+def visualize_flow(model: torch.nn.Module, frames: torch.Tensor, out_file: str | Path, *, image_size: int,
+                   mean, std, title: str | None = None) -> Path:
+    """Write the PNG for one clip (uint8 frames ``(T, H, W, 3)``) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not getattr(model, "flow_blocks", ()):
+        raise ValueError(f"visualize_flow: the model has no AM flow to show ({type(model).__name__} "
+                         f"without flow blocks); use a vanilla or aligned AM flow model")
+    shown, video = prepare_clip(frames, image_size, mean, std)
+    model.eval()
+    device = next(model.parameters()).device
+    _, flows = model(video.to(device), return_flows=True)
+    backbone = model.backbone
+    grid = tuple(backbone.patch_embed.grid_size)
+    pairs = shown.shape[0] - model.offset
+    rows = 1 + len(flows)
+    figure, axes = plt.subplots(rows, pairs, figsize=(1.6 * pairs, 1.6 * rows), squeeze=False)
+    for t in range(pairs):
+        axes[0, t].imshow(shown[t].permute(1, 2, 0).clamp(0, 1).numpy())
+        axes[0, t].set_title(f"t={t}", fontsize=8)
+    for row, (block, flow) in enumerate(sorted(flows.items()), start=1):
+        patches = flow[0, :pairs, backbone.num_prefix_tokens:].float().cpu()  # (T−Δ, grid, F)
+        rgb = flow_to_rgb(patches).reshape(pairs, *grid, 3)
+        for t in range(pairs):
+            axes[row, t].imshow(rgb[t].numpy(), interpolation="nearest")
+        axes[row, 0].set_ylabel(f"block {block}", fontsize=8)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.suptitle(title or f"AM flow ({model.flow_kind}) between frames t and t+{model.offset}", fontsize=9)
+    figure.tight_layout()
+    out_file = Path(out_file)
+    figure.savefig(out_file, dpi=120)
+    plt.close(figure)
+    return out_file

@@ -1,0 +1,173 @@
+"""The model package's data and command line: annotation formats, clip reading, sampling,
+the synthetic dataset, and a train → eval → visualize round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from amflow_models.cli import main
+from amflow_models.data.annotations import flip_label_pairs, load_annotations
+from amflow_models.data.dataset import VideoDataset, dense_indices, uniform_indices
+from amflow_models.data.synthetic import CLASSES, generate_synthetic, render_clip
+from amflow_models.data.video_io import read_clip, write_video
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return generate_synthetic(tmp_path_factory.mktemp("synthetic"), train_per_class=2, val_per_class=1,
+                              num_frames=6, size=32)
+
+
+def test_synthetic_clips_are_deterministic_and_read_back_close_to_rendered(synthetic):
+    again = generate_synthetic(synthetic.parent / "again", train_per_class=2, val_per_class=1, num_frames=6, size=32)
+    assert (again / "train.txt").read_text() == (synthetic / "train.txt").read_text()
+    rendered, _ = render_clip(0, np.random.default_rng([0, 0, 0]), num_frames=6, size=32, camera_motion=True)
+    decoded = read_clip(synthetic / "videos/train/00000.mp4", lambda total: range(total))
+    assert decoded.shape == (6, 32, 32, 3) and decoded.dtype == torch.uint8
+    other, _ = render_clip(1, np.random.default_rng([0, 0, 1]), num_frames=6, size=32, camera_motion=True)
+    error = (decoded.float() - torch.from_numpy(rendered).float()).abs().mean()
+    unrelated = (decoded.float() - torch.from_numpy(other).float()).abs().mean()
+    # H.264 at crf 12 with 4:2:0 chroma on 32-pixel frames: ~8 of 255; another clip: ~40
+    assert error < 12 and unrelated > 3 * error, f"decoded clip error {error:.1f}, other clip {unrelated:.1f}"
+    records, classes = load_annotations("list", synthetic / "train.txt", synthetic, labels_file=synthetic / "classes.txt")
+    assert classes == list(CLASSES) and len(records) == 2 * len(CLASSES)
+    assert sorted(r.label for r in records) == sorted(list(range(len(CLASSES))) * 2)
+
+
+def test_single_frames_do_not_tell_the_class():
+    """Every frame's statistics are the same whatever the class: only motion separates them."""
+    means = []
+    for label in range(len(CLASSES)):
+        frames = [render_clip(label, np.random.default_rng([9, label, i]), num_frames=4, size=32,
+                              camera_motion=True)[1] for i in range(200)]
+        means.append(np.concatenate(frames).mean(0))  # mean shape centre over frames and clips
+    spread = np.ptp(np.stack(means), axis=0)
+    assert (spread < 2.5).all(), f"shape position depends on the class: {means}"
+
+
+def test_video_dataset_train_and_test_views(synthetic):
+    records, classes = load_annotations("list", synthetic / "val.txt", synthetic, labels_file=synthetic / "classes.txt")
+    kw = dict(num_frames=4, image_size=24, mean=(0.5,) * 3, std=(0.25,) * 3)
+    video, label = VideoDataset(records, train=True, flip_pairs=flip_label_pairs(classes), **kw)[0]
+    assert video.shape == (4, 3, 24, 24) and video.dtype == torch.float32
+    views, label = VideoDataset(records, train=False, num_clips=2, num_crops=3, **kw)[1]
+    assert views.shape == (6, 4, 3, 24, 24) and label == records[1].label
+
+
+def test_flip_swaps_mirrored_labels():
+    classes = ["Pushing something from left to right", "Pushing something from right to left", "Tearing something"]
+    assert flip_label_pairs(classes) == {0: 1, 1: 0}
+    assert flip_label_pairs(list(CLASSES)) == {0: 1, 1: 0, 4: 5, 5: 4}
+
+
+def test_sampling():
+    assert uniform_indices(16, 4, train=False) == [2, 6, 10, 14]
+    assert all(0 <= i < 3 for i in uniform_indices(3, 8, train=True))
+    assert dense_indices(100, 4, 8, train=False) == [38, 46, 54, 62]  # centred: 38 + 62 ≈ 99
+    assert dense_indices(5, 4, 2, train=False) == [0, 2, 4, 1]  # a short clip loops
+    starts = {dense_indices(100, 4, 8, train=False, clip=c, num_clips=3)[0] for c in range(3)}
+    assert len(starts) == 3
+
+
+def _clip(path, frames=5):
+    write_video(path, np.random.default_rng(0).integers(0, 255, (frames, 16, 16, 3), dtype=np.uint8))
+
+
+def test_kinetics_csv_and_missing_clips(tmp_path):
+    (tmp_path / "abseiling").mkdir()
+    _clip(tmp_path / "abseiling" / "abc_000010_000020.mp4")
+    _clip(tmp_path / "zumba_000001_000011.mp4")
+    csv = tmp_path / "train.csv"
+    csv.write_text("label,youtube_id,time_start,time_end,split\nabseiling,abc,10,20,train\n"
+                   "zumba,zumba,1,11,train\nzumba,gone,0,10,train\n")
+    with pytest.raises(FileNotFoundError, match="1 of 3 clips .* do not exist.*gone_000000_000010"):
+        load_annotations("kinetics", csv, tmp_path)
+    records, classes = load_annotations("kinetics", csv, tmp_path, skip_missing=True)
+    assert classes == ["abseiling", "zumba"] and [r.label for r in records] == [0, 1]
+    assert read_clip(records[0].path, lambda total: [0, total - 1]).shape == (2, 16, 16, 3)
+
+
+def test_ssv2_json(tmp_path):
+    _clip(tmp_path / "7.webm")
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"Moving something up": "1", "Pushing something from left to right": "0"}))
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([{"id": "7", "label": "moving a cup up", "template": "Moving [something] up",
+                                  "placeholders": ["a cup"]}]))
+    records, classes = load_annotations("ssv2", train, tmp_path, labels_file=labels)
+    assert classes == ["Pushing something from left to right", "Moving something up"]
+    assert records[0].label == 1 and records[0].path.endswith("7.webm")
+    # WebM records no frame count: the reader decodes the clip to count it
+    assert read_clip(records[0].path, lambda total: [total - 1] * 2).shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match="labels_file"):
+        load_annotations("ssv2", train, tmp_path)
+
+
+def test_rawframe_list(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "clip").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "clip" / f"img_{i:05d}.jpg")
+    (tmp_path / "list.txt").write_text("clip 3 1\n")
+    records, classes = load_annotations("list", tmp_path / "list.txt", tmp_path)
+    assert classes == ["0", "1"] and records[0].label == 1
+    frames = read_clip(records[0].path, lambda total: [2, 0, 2])
+    assert frames.shape == (3, 8, 8, 3) and abs(int(frames[0, 0, 0, 0]) - 80) <= 2
+
+
+@pytest.mark.parametrize(
+    "fmt, content, match",
+    [
+        ("list", "a.mp4\n", "expected 'path label'"),
+        ("list", "missing.mp4 0\n", "1 of 1 clips .* do not exist"),
+        ("avi", "", "format must be one of list, kinetics, ssv2"),
+        ("kinetics", "name,id\nx,y\n", "needs the columns"),
+    ],
+)
+def test_bad_annotations(tmp_path, fmt, content, match):
+    annotation = tmp_path / "annotations.txt"
+    annotation.write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_annotations(fmt, annotation, tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_annotations("list", tmp_path / "nothing.txt", tmp_path)
+
+
+def test_cli_train_eval_visualize_round_trip(synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--root", str(synthetic), "--labels-file", str(synthetic / "classes.txt")]
+    backbone = [f"--backbone-arg={kv}" for kv in ("img_size=32", "patch_size=8", "embed_dim=32", "depth=2", "num_heads=2")]
+    assert main(["train", "--train-list", str(synthetic / "train.txt"), "--val-list", str(synthetic / "val.txt"),
+                 *common, "--backbone", "vit_tiny_patch16_224", *backbone, "--variant", "aligned",
+                 "--aligner-dim", "24", "--tpm", "tcn", "--adapter-dim", "8", "--num-frames", "4", "--epochs", "2",
+                 "--batch-size", "4", "--workers", "0", "--out", str(out), "--no-progress"]) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and {"top1", "top5", "confusion", "train_loss"} <= set(json.loads(lines[-1]))
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    assert main(["train", "--train-list", str(synthetic / "train.txt"), "--val-list", str(synthetic / "val.txt"),
+                 *common, "--backbone", "vit_tiny_patch16_224", *backbone, "--variant", "aligned",
+                 "--aligner-dim", "24", "--tpm", "tcn", "--adapter-dim", "8", "--num-frames", "4", "--epochs", "3",
+                 "--batch-size", "4", "--workers", "0", "--out", str(out), "--no-progress", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    metrics = tmp_path / "eval.json"
+    assert main(["eval", str(out / "best.pt"), "--clips", "2", "--crops", "3", "--workers", "0", "--no-progress",
+                 "--kernels", "reference", "--json", str(metrics)]) == 0
+    result = json.loads(metrics.read_text())
+    assert result["clips"] == len(CLASSES) and len(result["confusion"]) == len(CLASSES)
+    assert "confusion matrix" in capsys.readouterr().out
+    png = tmp_path / "flow.png"
+    assert main(["visualize", str(out / "best.pt"), str(synthetic / "videos/val/00000.mp4"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nothing.pt")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--train-list", "a", "--val-list", "b", "--out", "c", "--tpm", "gru"])
