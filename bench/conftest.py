@@ -137,7 +137,10 @@ def measure(benchmark):
 
 BASELINE = {"cuda": "sdpa", "cpu": "reference"}
 # Ops without a PyTorch fused counterpart are compared with their eager reference everywhere.
-OP_BASELINE = {"linear_attention": "reference", "AligningEncoder": "reference"}
+OP_BASELINE = {
+    "linear_attention": "reference", "AligningEncoder": "reference",
+    "AMFlowVideoModel vanilla": "reference", "AMFlowVideoModel aligned": "reference",
+}
 
 
 def markdown_table(results: list[dict]) -> str:

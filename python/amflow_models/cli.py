@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-per-class", type=int, default=100)
     demo.add_argument("--val-per-class", type=int, default=30)
     demo.add_argument("--tpm", default="lstm", choices=TPM_KINDS)
-    demo.add_argument("--workers", type=int, default=1)
+    demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
     return parser

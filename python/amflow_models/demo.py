@@ -41,7 +41,7 @@ VARIANTS = {
 def run_demo(
     out: str | Path = "amflow-demo", *, train_per_class: int = 100, val_per_class: int = 30,
     image_epochs: int = 12, epochs: int = 10, batch_size: int = 16, lr: float = 2e-3, tpm: str = "lstm",
-    workers: int = 1, seed: int = 0, kernels: str = "auto", progress: bool = True, log=print,
+    workers: int = 2, seed: int = 0, kernels: str = "auto", progress: bool = True, log=print,
 ) -> dict:
     """Run the demo into folder ``out`` and return its results (also in ``out/results.json``)."""
     out = Path(out)
@@ -61,7 +61,7 @@ def run_demo(
     classes = len(load_annotations("list", data.val_list, root, labels_file=data.labels_file)[1])
     rows = {}
     for step, (variant, description) in enumerate(VARIANTS.items()):
-        log(f"[3/4] ({step + 1}/{len(VARIANTS)}) training the frozen image model {description}")
+        log(f"[3/4] ({step + 1}/{len(VARIANTS)}) training on the frozen image model: {description}")
         config = ModelConfig(
             num_classes=classes, backbone="vit_tiny_patch16_224", checkpoint_path=str(image_model),
             backbone_kwargs={**TINY_VIT, "num_classes": positions}, variant=variant, tpm=tpm,
