@@ -179,6 +179,8 @@ def fit(
         schedule.load_state_dict(checkpoint["schedule"])
         start, history, best = checkpoint["epoch"], checkpoint["history"], checkpoint["best"]
         log(f"resumed from {last_path} after epoch {start}")
+    if start == 0:
+        (out_dir / "metrics.jsonl").write_text("")  # a fresh run does not append to an old log
     forward = torch.compile(model) if compile else model
     began = time.perf_counter()
     for epoch in range(start, epochs):
