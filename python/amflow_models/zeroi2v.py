@@ -76,24 +76,24 @@ class ZeroI2V(nn.Module):
         self.backbone.eval()
         return self
 
-    def _shift(self, frames: int):
-        """STDHA's key/value map: head h of frame t reads frame t + Δt(h) where that exists."""
+    def _shift(self, frames: int, heads: int, device: torch.device):
+        """STDHA's key/value map: head h of frame t reads frame t + Δt(h) where that exists.
+        The frame index is built once per forward and shared by every block."""
+        source = torch.arange(frames).repeat(heads, 1)  # (H, T)
+        for head, dt in self.temporal_heads.items():
+            moved = source[head] + dt
+            source[head] = torch.where((moved >= 0) & (moved < frames), moved, source[head])
+        picks = (source.T.to(device), torch.arange(heads, device=device))
+
         def shift(k: torch.Tensor, v: torch.Tensor):
-            heads = k.shape[1]
-            source = torch.arange(frames, device=k.device).repeat(heads, 1)  # (H, T)
-            for head, dt in self.temporal_heads.items():
-                moved = source[head] + dt
-                source[head] = torch.where((moved >= 0) & (moved < frames), moved, source[head])
-            picks = (source.T, torch.arange(heads, device=k.device))
-            k, v = (t.unflatten(0, (-1, frames))[:, picks[0], picks[1]].flatten(0, 1) for t in (k, v))
-            return k, v
+            return tuple(t.unflatten(0, (-1, frames))[:, picks[0], picks[1]].flatten(0, 1) for t in (k, v))
         return shift
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` for normalised clips ``(B, T, 3, H, W)``."""
         check_video("ZeroI2V", video, self.backbone, 1)
         batch, frames = video.shape[:2]
-        shift = self._shift(frames)
+        shift = self._shift(frames, self.backbone.blocks[0].attn.num_heads, video.device)
         identity = nn.Identity()
         x = embed_frames(self.backbone, video.flatten(0, 1))
         for number, block in enumerate(self.backbone.blocks, start=1):

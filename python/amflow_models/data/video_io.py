@@ -47,22 +47,24 @@ def _read_video(path: Path, pick: Callable[[int], Sequence[int]]) -> torch.Tenso
             total = stream.frames  # 0 where the container does not record it (e.g. WebM)
             if total > 0:
                 indices = list(pick(total))
-                wanted, kept = set(indices), {}
+                wanted, stop, kept = set(indices), max(indices), {}
                 for i, frame in enumerate(container.decode(stream)):
                     if i in wanted:
                         kept[i] = frame.to_ndarray(format="rgb24")
-                    if i >= max(wanted):
+                    if i >= stop:
                         break
-                # a header's count can exceed what decodes; fall back to the last decoded frame
-                last = max(kept) if kept else None
-                frames = [kept.get(i, kept[last] if last is not None else None) for i in indices]
+                if not kept:
+                    raise RuntimeError(f"video {str(path)!r} has no decodable frames")
+                # a header's count can exceed what decodes: such indices get the last decoded frame
+                last = kept[max(kept)]
+                frames = [kept.get(i, last) for i in indices]
             else:
                 decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-                frames = [decoded[i] for i in pick(len(decoded))] if decoded else [None]
+                if not decoded:
+                    raise RuntimeError(f"video {str(path)!r} has no decodable frames")
+                frames = [decoded[i] for i in pick(len(decoded))]
     except av.error.FFmpegError as error:
         raise RuntimeError(f"cannot decode video {str(path)!r}: {error}") from error
-    if any(f is None for f in frames):
-        raise RuntimeError(f"video {str(path)!r} has no decodable frames")
     return torch.from_numpy(np.stack(frames))
 
 
