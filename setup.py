@@ -50,6 +50,12 @@ def _cpu_flags() -> list[str]:
     return ["-DCPU_CAPABILITY=DEFAULT"]
 
 
+def _openmp_flags() -> list[str]:
+    # at::parallel_for is an inline OpenMP loop: without -fopenmp the CPU kernels run on one
+    # thread. On Linux the extension then shares torch's bundled libgomp (same soname).
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def extension_build():
     """(ext_modules, cmdclass) for the requested build."""
     if MODE == "none":
@@ -61,15 +67,18 @@ def extension_build():
     use_cuda = MODE == "cuda" or (MODE == "auto" and cpp_extension.CUDA_HOME is not None)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources = ["csrc/amflow.cpp", *sorted(str(p) for p in Path("csrc/cpu").glob("*.cpp"))]
-    cxx = ["-O3", *_cpu_flags()]  # the C++ standard is the one torch requires, set by torch
+    cxx = ["-O3", *_cpu_flags(), *_openmp_flags()]  # the C++ standard is the one torch requires, set by torch
+    link = _openmp_flags()
     if use_cuda:
         sources += sorted(str(p) for p in Path("csrc/cuda").glob("*.cu"))
         nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
         extension = cpp_extension.CUDAExtension(
-            "amflow_kernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}
+            "amflow_kernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link
         )
     else:
-        extension = cpp_extension.CppExtension("amflow_kernels._C", sources, extra_compile_args={"cxx": cxx})
+        extension = cpp_extension.CppExtension(
+            "amflow_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
 
     class BuildExtension(cpp_extension.BuildExtension):
         """torch's BuildExtension (ninja); under ``auto`` a failure leaves a pure-Python install."""

@@ -1,10 +1,13 @@
 // Fused CPU kernels for amflow::linear_attention_fwd / _bwd (float32, float64).
 //
 // A task owns one (batch b, head h) and walks blocks of R tokens. For each block, φ(x) =
-// elu(x) + 1 (and φ'(x)) are formed with at::vec in a thread-local R × D buffer that stays in
-// cache, and small GEMMs update or apply the D × Dv state; φ(q), φ(k) never exist for a whole
-// head. Extra memory is O(R·(D + Dv)) per thread plus the returned state. Outputs are owned by
-// their task, so results do not depend on the thread count.
+// elu(x) + 1 (and φ'(x)) are formed in a thread-local R × D buffer, and a small register-blocked
+// GEMM (at::vec) updates or applies the D × Dv state, which stays in L1; φ(q), φ(k) never exist
+// for a whole head. The GEMM is ours rather than ATen's: the aligning encoder runs thousands of
+// small heads (D = its width / 12, often 4 to 16), where a dispatched call per block would cost
+// more than the arithmetic. Extra memory is O(R·(D + Dv) + D·Dv) per thread plus the returned
+// state. Every sum runs in a fixed order inside its task, so results do not depend on the
+// thread count.
 //
 // Forward:   KV = Σ_j φ(k_j) v_jᵀ,  z = Σ_j φ(k_j),  out_i = φ(q_i)ᵀ KV / (φ(q_i)·z + eps).
 // Backward, with g_i = ∂L/∂out_i, den_i = φ(q_i)·z + eps, u_i = g_i / den_i, w_i = −(g_i·out_i)/den_i:
@@ -13,6 +16,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -20,13 +24,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace amflow {
 namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kTokenBlock = 1024;  // 256 KiB of float32 φ at D = 64: stays in L2
+constexpr int64_t kTokenBlock = 32;  // rows of φ per block: 8 KiB of float32 at D = 64
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_linear_attention_inputs("cpu", q, k, v);
@@ -35,12 +40,106 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
               "linear_attention (cpu): q.dtype must be float32 or float64, got ", q.scalar_type());
 }
 
-// phi ← φ(x) = elu(x) + 1 and, if dphi is given, dphi ← φ'(x), for a contiguous block. The
-// comparison is false for NaN and exp(NaN) is NaN, so NaN propagates as in the reference.
+// The loops read rows through their strides but need a unit stride along the last dim.
+at::Tensor unit_last_stride(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+// Rows of one (b, h) slice of a (B, H, N, C) tensor with a unit last stride.
 template <typename scalar_t>
-void feature_map(scalar_t* phi, scalar_t* dphi, int64_t n) {
+struct HeadRows {
+  const scalar_t* data;
+  int64_t row_stride;
+
+  HeadRows(const at::Tensor& x, int64_t b, int64_t h)
+      : data(x.data_ptr<scalar_t>() + b * x.stride(0) + h * x.stride(1)), row_stride(x.stride(2)) {}
+  const scalar_t* operator[](int64_t n) const { return data + n * row_stride; }
+};
+
+// A matrix operand read as data[r · row_stride + k · k_stride]: a dense matrix, or its transpose.
+template <typename scalar_t>
+struct Operand {
+  const scalar_t* data;
+  int64_t row_stride, k_stride;
+  scalar_t operator()(int64_t r, int64_t k) const { return data[r * row_stride + k * k_stride]; }
+};
+
+// One R × (V·W) tile of Y = A B (+ Y when accumulating), at rows r0 and column c0; B is K × C
+// dense. The R·V accumulators stay in registers: each row of B loaded once serves R rows, and
+// R·V independent FMA chains hide the FMA latency.
+template <int R, int V, typename scalar_t>
+void gemm_tile(scalar_t* Y, int64_t y_stride, const Operand<scalar_t>& A, const scalar_t* B, int64_t K, int64_t C,
+               int64_t r0, int64_t c0, bool accumulate) {
   using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  Vec acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? Vec::loadu(Y + (r0 + r) * y_stride + c0 + v * W) : Vec(0);
+  for (int64_t k = 0; k < K; ++k) {
+    Vec b[V];
+    for (int v = 0; v < V; ++v) b[v] = Vec::loadu(B + k * C + c0 + v * W);
+    for (int r = 0; r < R; ++r) {
+      const Vec a(A(r0 + r, k));
+      for (int v = 0; v < V; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v].store(Y + (r0 + r) * y_stride + c0 + v * W);
+}
+
+// Rows [r0, r0 + R) of Y = A B (+ Y): tiles of two vectors, then one, then scalar columns.
+template <int R, typename scalar_t>
+void gemm_rows(scalar_t* Y, int64_t y_stride, const Operand<scalar_t>& A, const scalar_t* B, int64_t K, int64_t C,
+               int64_t r0, bool accumulate) {
+  constexpr int64_t W = Vectorized<scalar_t>::size();
+  int64_t c0 = 0;
+  for (; c0 + 2 * W <= C; c0 += 2 * W) gemm_tile<R, 2>(Y, y_stride, A, B, K, C, r0, c0, accumulate);
+  for (; c0 + W <= C; c0 += W) gemm_tile<R, 1>(Y, y_stride, A, B, K, C, r0, c0, accumulate);
+  for (int r = 0; r < R; ++r) {
+    for (int64_t c = c0; c < C; ++c) {
+      scalar_t sum = accumulate ? Y[(r0 + r) * y_stride + c] : scalar_t(0);
+      for (int64_t k = 0; k < K; ++k) sum += A(r0 + r, k) * B[k * C + c];
+      Y[(r0 + r) * y_stride + c] = sum;
+    }
+  }
+}
+
+// Y = A B, or Y += A B when accumulating: A is rows × K (an Operand), B is K × C dense, Y is
+// rows × C with row stride y_stride. A small GEMM in registers, without ATen calls; its sums run
+// in k order.
+template <typename scalar_t>
+void small_gemm(scalar_t* Y, int64_t y_stride, const Operand<scalar_t>& A, const scalar_t* B, int64_t rows, int64_t K,
+                int64_t C, bool accumulate) {
+  int64_t r0 = 0;
+  for (; r0 + 4 <= rows; r0 += 4) gemm_rows<4>(Y, y_stride, A, B, K, C, r0, accumulate);
+  for (; r0 < rows; ++r0) gemm_rows<1>(Y, y_stride, A, B, K, C, r0, accumulate);
+}
+
+template <typename scalar_t>
+scalar_t dot(const scalar_t* x, const scalar_t* y, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  Vec acc(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(x + i), Vec::loadu(y + i), acc);
+  scalar_t sum = at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (; i < n; ++i) sum += x[i] * y[i];
+  return sum;
+}
+
+// dst[t, :] = src row r0 + t, dense.
+template <typename scalar_t>
+void load_rows(scalar_t* dst, const HeadRows<scalar_t>& src, int64_t r0, int64_t rows, int64_t C) {
+  for (int64_t t = 0; t < rows; ++t) std::copy(src[r0 + t], src[r0 + t] + C, dst + t * C);
+}
+
+// phi[t, :] = φ(src row r0 + t), and dphi[t, :] = φ'(…) when dphi is given: elu(x) + 1 and its
+// derivative, vectorised over the dense block (small D included). The comparison is false for
+// NaN and exp(NaN) is NaN, so NaN propagates as in the reference.
+template <typename scalar_t>
+void load_features(scalar_t* phi, scalar_t* dphi, const HeadRows<scalar_t>& src, int64_t r0, int64_t rows,
+                   int64_t D) {
+  using Vec = Vectorized<scalar_t>;
+  load_rows(phi, src, r0, rows, D);
   const Vec zero(0), one(1);
+  const int64_t n = rows * D;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec x = Vec::loadu(phi + i);
@@ -50,133 +149,158 @@ void feature_map(scalar_t* phi, scalar_t* dphi, int64_t n) {
     if (dphi != nullptr) Vec::blendv(e, one, positive).store(dphi + i);
   }
   for (; i < n; ++i) {
-    const scalar_t x = phi[i];
-    const scalar_t e = std::exp(x);
+    const scalar_t x = phi[i], e = std::exp(x);
     phi[i] = x > 0 ? x + 1 : e;
     if (dphi != nullptr) dphi[i] = x > 0 ? scalar_t(1) : e;
   }
 }
 
-// Thread-local φ (and φ') of up to kTokenBlock rows of one (N, D) head slice.
 template <typename scalar_t>
-struct FeatureBlock {
-  at::Tensor phi, dphi;
+Operand<scalar_t> dense(const scalar_t* data, int64_t cols) { return {data, cols, 1}; }
 
-  FeatureBlock(int64_t d, const at::TensorOptions& options, bool with_grad)
-      : phi(at::empty({kTokenBlock, d}, options)), dphi(with_grad ? at::empty({kTokenBlock, d}, options) : at::Tensor()) {}
+template <typename scalar_t>
+Operand<scalar_t> transposed(const scalar_t* data, int64_t cols) { return {data, 1, cols}; }
 
-  // φ of rows [r0, r0 + rows) of x; returns the (rows, D) view.
-  at::Tensor load(const at::Tensor& x, int64_t r0, int64_t rows) {
-    auto block = phi.narrow(0, 0, rows);
-    block.copy_(x.narrow(0, r0, rows));
-    feature_map<scalar_t>(block.data_ptr<scalar_t>(), dphi.defined() ? dphi.data_ptr<scalar_t>() : nullptr,
-                          block.numel());
-    return block;
-  }
-
-  at::Tensor grad(int64_t rows) const { return dphi.narrow(0, 0, rows); }
+struct Shape {
+  int64_t B, H, Nq, Nk, D, Dv;
 };
 
-// den_i = φ(q_i)·z + eps as a (rows, 1) column. Sums here and below are at:: reductions, not
-// BLAS gemv, whose summation order can depend on the thread count.
-at::Tensor normaliser(const at::Tensor& phi_q, const at::Tensor& z, double eps) {
-  return (phi_q * z).sum(1, /*keepdim=*/true).add_(eps);
+// Thread-local buffers of one parallel chunk, reused by all its heads.
+template <typename scalar_t>
+struct Scratch {
+  std::vector<scalar_t> phi, dphi, rows, y, w, kv_t, dkv, dkv_t, dz;
+
+  Scratch(const Shape& s)
+      : phi(kTokenBlock * s.D), dphi(kTokenBlock * s.D), rows(kTokenBlock * s.Dv), y(kTokenBlock * s.Dv),
+        w(kTokenBlock), kv_t(s.D * s.Dv), dkv(s.D * s.Dv), dkv_t(s.D * s.Dv), dz(s.D) {}
+};
+
+// out = Mᵀ for the D × C matrix M.
+template <typename scalar_t>
+void transpose(scalar_t* out, const scalar_t* M, int64_t D, int64_t C) {
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t c = 0; c < C; ++c) out[c * D + d] = M[d * C + c];
 }
 
 template <typename scalar_t>
-void forward_task(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double eps, at::Tensor kv,
-                  at::Tensor z, at::Tensor out) {
-  const int64_t nq = q.size(0), nk = k.size(0);
-  FeatureBlock<scalar_t> features(q.size(1), q.options(), false);
-  kv.zero_();
-  z.zero_();
-  for (int64_t r0 = 0; r0 < nk; r0 += kTokenBlock) {
-    const int64_t rows = std::min(kTokenBlock, nk - r0);
-    const auto phi_k = features.load(k, r0, rows);
-    kv.addmm_(phi_k.t(), v.narrow(0, r0, rows));
-    z.add_(phi_k.sum(0));
+void forward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar_t>& q, const HeadRows<scalar_t>& k,
+                  const HeadRows<scalar_t>& v, double eps, scalar_t* kv, scalar_t* z, scalar_t* out) {
+  const int64_t D = s.D, Dv = s.Dv;
+  std::fill(kv, kv + D * Dv, scalar_t(0));
+  std::fill(z, z + D, scalar_t(0));
+  for (int64_t r0 = 0; r0 < s.Nk; r0 += kTokenBlock) {
+    const int64_t rows = std::min(kTokenBlock, s.Nk - r0);
+    load_features(buf.phi.data(), static_cast<scalar_t*>(nullptr), k, r0, rows, D);
+    load_rows(buf.rows.data(), v, r0, rows, Dv);
+    small_gemm(kv, Dv, transposed(buf.phi.data(), D), buf.rows.data(), D, rows, Dv, true);  // KV += φ(K)ᵀ V
+    for (int64_t t = 0; t < rows; ++t)
+      for (int64_t d = 0; d < D; ++d) z[d] += buf.phi[t * D + d];
   }
-  for (int64_t r0 = 0; r0 < nq; r0 += kTokenBlock) {
-    const int64_t rows = std::min(kTokenBlock, nq - r0);
-    const auto phi_q = features.load(q, r0, rows);
-    auto out_rows = out.narrow(0, r0, rows);
-    at::mm_out(out_rows, phi_q, kv);
-    out_rows.div_(normaliser(phi_q, z, eps));
+  for (int64_t r0 = 0; r0 < s.Nq; r0 += kTokenBlock) {
+    const int64_t rows = std::min(kTokenBlock, s.Nq - r0);
+    load_features(buf.phi.data(), static_cast<scalar_t*>(nullptr), q, r0, rows, D);
+    scalar_t* out_rows = out + r0 * Dv;
+    small_gemm(out_rows, Dv, dense(buf.phi.data(), D), kv, rows, D, Dv, false);  // φ(Q) KV
+    for (int64_t t = 0; t < rows; ++t) {
+      const scalar_t den = dot(buf.phi.data() + t * D, z, D) + static_cast<scalar_t>(eps);
+      for (int64_t c = 0; c < Dv; ++c) out_rows[t * Dv + c] /= den;
+    }
   }
 }
 
 template <typename scalar_t>
-void backward_task(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& kv, const at::Tensor& z, double eps, at::Tensor dq, at::Tensor dk,
-                   at::Tensor dv) {
-  const int64_t nq = q.size(0), nk = k.size(0);
-  FeatureBlock<scalar_t> features(q.size(1), q.options(), true);
-  auto dkv = at::zeros_like(kv);
-  auto dz = at::zeros_like(z);
-  for (int64_t r0 = 0; r0 < nq; r0 += kTokenBlock) {
-    const int64_t rows = std::min(kTokenBlock, nq - r0);
-    const auto phi_q = features.load(q, r0, rows);
-    const auto den = normaliser(phi_q, z, eps);                        // (rows, 1)
-    const auto u = grad.narrow(0, r0, rows).div(den);                  // g / den
-    const auto w = (u * at::mm(phi_q, kv)).sum(1, true).neg_().div_(den);  // −(g · out) / den
-    auto dq_rows = dq.narrow(0, r0, rows);
-    at::mm_out(dq_rows, u, kv.t());
-    dq_rows.add_(w * z).mul_(features.grad(rows));
-    dkv.addmm_(phi_q.t(), u);
-    dz.add_((phi_q * w).sum(0));
+void backward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar_t>& grad,
+                   const HeadRows<scalar_t>& q, const HeadRows<scalar_t>& k, const HeadRows<scalar_t>& v,
+                   const scalar_t* kv, const scalar_t* z, double eps, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+  const int64_t D = s.D, Dv = s.Dv;
+  scalar_t *phi = buf.phi.data(), *dphi = buf.dphi.data(), *u = buf.rows.data(), *y = buf.y.data();
+  scalar_t *w = buf.w.data(), *dkv = buf.dkv.data(), *dz = buf.dz.data();
+  std::fill(dkv, dkv + D * Dv, scalar_t(0));
+  std::fill(dz, dz + D, scalar_t(0));
+  transpose(buf.kv_t.data(), kv, D, Dv);
+  for (int64_t r0 = 0; r0 < s.Nq; r0 += kTokenBlock) {
+    const int64_t rows = std::min(kTokenBlock, s.Nq - r0);
+    load_features(phi, dphi, q, r0, rows, D);
+    load_rows(u, grad, r0, rows, Dv);
+    small_gemm(y, Dv, dense(phi, D), kv, rows, D, Dv, false);  // y_i = φ(q_i)ᵀ KV = den_i · out_i
+    for (int64_t t = 0; t < rows; ++t) {
+      const scalar_t den = dot(phi + t * D, z, D) + static_cast<scalar_t>(eps);
+      for (int64_t c = 0; c < Dv; ++c) u[t * Dv + c] /= den;
+      w[t] = -dot(u + t * Dv, y + t * Dv, Dv) / den;
+      for (int64_t d = 0; d < D; ++d) dz[d] += w[t] * phi[t * D + d];
+    }
+    scalar_t* dq_rows = dq + r0 * D;
+    small_gemm(dq_rows, D, dense(u, Dv), buf.kv_t.data(), rows, Dv, D, false);  // KV u_i
+    for (int64_t t = 0; t < rows; ++t)
+      for (int64_t d = 0; d < D; ++d) dq_rows[t * D + d] = (dq_rows[t * D + d] + w[t] * z[d]) * dphi[t * D + d];
+    small_gemm(dkv, Dv, transposed(phi, D), u, D, rows, Dv, true);  // dKV += φ(Q)ᵀ U
   }
-  for (int64_t r0 = 0; r0 < nk; r0 += kTokenBlock) {
-    const int64_t rows = std::min(kTokenBlock, nk - r0);
-    const auto phi_k = features.load(k, r0, rows);
-    auto dk_rows = dk.narrow(0, r0, rows);
-    at::mm_out(dk_rows, v.narrow(0, r0, rows), dkv.t());
-    dk_rows.add_(dz).mul_(features.grad(rows));
-    auto dv_rows = dv.narrow(0, r0, rows);
-    at::mm_out(dv_rows, phi_k, dkv);
+  transpose(buf.dkv_t.data(), dkv, D, Dv);
+  for (int64_t r0 = 0; r0 < s.Nk; r0 += kTokenBlock) {
+    const int64_t rows = std::min(kTokenBlock, s.Nk - r0);
+    load_features(phi, dphi, k, r0, rows, D);
+    load_rows(u, v, r0, rows, Dv);
+    scalar_t* dk_rows = dk + r0 * D;
+    small_gemm(dk_rows, D, dense(u, Dv), buf.dkv_t.data(), rows, Dv, D, false);  // dKV v_j
+    for (int64_t t = 0; t < rows; ++t)
+      for (int64_t d = 0; d < D; ++d) dk_rows[t * D + d] = (dk_rows[t * D + d] + dz[d]) * dphi[t * D + d];
+    small_gemm(dv + r0 * Dv, Dv, dense(phi, D), dkv, rows, D, Dv, false);  // dKVᵀ φ(k_j)
   }
 }
 
-// Runs task(b, h) for every head in parallel.
-template <typename F>
-void for_each_head(int64_t B, int64_t H, F&& task) {
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) task(i / H, i % H);
+// Runs task(scratch, b, h) for every head in parallel, with one Scratch per chunk.
+template <typename scalar_t, typename F>
+void for_each_head(const Shape& s, F&& task) {
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    Scratch<scalar_t> scratch(s);
+    for (int64_t i = begin; i < end; ++i) task(scratch, i / s.H, i % s.H);
   });
 }
 
-at::Tensor head(const at::Tensor& x, int64_t b, int64_t h) { return x.select(0, b).select(0, h); }
+Shape shape_of(const at::Tensor& q, const at::Tensor& v) {
+  return {q.size(0), q.size(1), q.size(2), v.size(2), q.size(3), v.size(3)};
+}
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                                        const at::Tensor& v, double eps) {
-  check_inputs(q, k, v);
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Dv = v.size(3);
-  auto out = at::empty({B, H, q.size(2), Dv}, q.options());
-  auto kv = at::empty({B, H, D, Dv}, q.options());
-  auto z = at::empty({B, H, D}, q.options());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                        const at::Tensor& v_in, double eps) {
+  check_inputs(q_in, k_in, v_in);
+  const auto q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const Shape s = shape_of(q, v);
+  auto out = at::empty({s.B, s.H, s.Nq, s.Dv}, q.options());
+  auto kv = at::empty({s.B, s.H, s.D, s.Dv}, q.options());
+  auto z = at::empty({s.B, s.H, s.D}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "linear_attention_fwd_cpu", [&] {
-    for_each_head(B, H, [&](int64_t b, int64_t h) {
-      forward_task<scalar_t>(head(q, b, h), head(k, b, h), head(v, b, h), eps, head(kv, b, h), head(z, b, h),
-                             head(out, b, h));
+    for_each_head<scalar_t>(s, [&](Scratch<scalar_t>& scratch, int64_t b, int64_t h) {
+      const int64_t head = b * s.H + h;
+      forward_task<scalar_t>(s, scratch, HeadRows<scalar_t>(q, b, h), HeadRows<scalar_t>(k, b, h), HeadRows<scalar_t>(v, b, h),
+                             eps, kv.data_ptr<scalar_t>() + head * s.D * s.Dv, z.data_ptr<scalar_t>() + head * s.D,
+                             out.data_ptr<scalar_t>() + head * s.Nq * s.Dv);
     });
   });
   return {out, kv, z};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& q,
-                                                                        const at::Tensor& k, const at::Tensor& v,
-                                                                        const at::Tensor& kv, const at::Tensor& z,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& q_in,
+                                                                        const at::Tensor& k_in, const at::Tensor& v_in,
+                                                                        const at::Tensor& kv_in, const at::Tensor& z_in,
                                                                         double eps) {
-  check_inputs(q, k, v);
-  check_linear_attention_grad("cpu", grad_in, q, v, kv, z);
-  const auto grad = grad_in.to(q.scalar_type());
-  const int64_t B = q.size(0), H = q.size(1);
+  check_inputs(q_in, k_in, v_in);
+  check_linear_attention_grad("cpu", grad_in, q_in, v_in, kv_in, z_in);
+  const auto q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const auto grad = unit_last_stride(grad_in.to(q.scalar_type()));
+  const auto kv = kv_in.contiguous(), z = z_in.contiguous();
+  const Shape s = shape_of(q, v);
   auto dq = at::empty(q.sizes(), q.options());
   auto dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "linear_attention_bwd_cpu", [&] {
-    for_each_head(B, H, [&](int64_t b, int64_t h) {
-      backward_task<scalar_t>(head(grad, b, h), head(q, b, h), head(k, b, h), head(v, b, h), head(kv, b, h),
-                              head(z, b, h), eps, head(dq, b, h), head(dk, b, h), head(dv, b, h));
+    for_each_head<scalar_t>(s, [&](Scratch<scalar_t>& scratch, int64_t b, int64_t h) {
+      const int64_t head = b * s.H + h;
+      backward_task<scalar_t>(s, scratch, HeadRows<scalar_t>(grad, b, h), HeadRows<scalar_t>(q, b, h),
+                              HeadRows<scalar_t>(k, b, h), HeadRows<scalar_t>(v, b, h),
+                              kv.data_ptr<scalar_t>() + head * s.D * s.Dv, z.data_ptr<scalar_t>() + head * s.D, eps,
+                              dq.data_ptr<scalar_t>() + head * s.Nq * s.D, dk.data_ptr<scalar_t>() + head * s.Nk * s.D,
+                              dv.data_ptr<scalar_t>() + head * s.Nk * s.Dv);
     });
   });
   return {dq, dk, dv};
