@@ -1,16 +1,37 @@
 #!/usr/bin/env bash
-# Everything a GPU check needs, in one call (device time is short): build the extension
-# against the machine's own torch, run `python -m amflow_kernels`, the test suite (GPU tests
-# in float16, bfloat16 and float32, CPU backend too), then every benchmark. Logs and the
-# benchmark JSON/markdown land in $OUT (default bench/results) for committing.
+# A GPU check in as few calls as device time allows. Stages (default: all, in this order):
+#   build  build the extension against the machine's own torch, run `python -m amflow_kernels`
+#   tests  the test suite: GPU tests in float16, bfloat16 and float32, the CPU backend too
+#   bench  every benchmark; the JSON and markdown results land in bench/results
+# Where one call may run 10 minutes, run `build tests` and `bench` as two calls. Logs are
+# written as they go, to $OUT (default bench/results), so a call cut short still leaves them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 out="${OUT:-bench/results}"
 mkdir -p "$out"
+stages="${*:-build tests bench}"
 
-AMFLOW_BUILD_EXTENSION=cuda python -m pip install --no-build-isolation --no-deps . 2>&1 | tail -n 3 | tee "$out/install.log"
-(cd /tmp && python -m amflow_kernels) 2>&1 | tee "$out/main.log"
-python -m pytest tests -q -ra -p no:cacheprovider 2>&1 | tail -n 60 | tee "$out/tests.log"
-python -m pytest bench -q -p no:cacheprovider 2>&1 | tail -n 20 | tee "$out/bench.log"
-if [ "$out" != bench/results ]; then cp bench/results/*.json bench/results/*.md "$out/" 2>/dev/null; fi
+for stage in $stages; do
+  case "$stage" in
+    build)
+      AMFLOW_BUILD_EXTENSION=cuda python -m pip install --no-build-isolation --no-deps . > "$out/install.log" 2>&1
+      tail -n 3 "$out/install.log"
+      (cd /tmp && python -m amflow_kernels) > "$out/main.log" 2>&1
+      cat "$out/main.log"
+      ;;
+    tests)
+      python -m pytest tests -q -ra -p no:cacheprovider --durations=15 > "$out/tests.log" 2>&1
+      tail -n 60 "$out/tests.log"
+      ;;
+    bench)
+      python -m pytest bench -q -p no:cacheprovider > "$out/bench.log" 2>&1
+      tail -n 20 "$out/bench.log"
+      if [ "$out" != bench/results ]; then cp bench/results/*.json bench/results/*.md "$out/" 2>/dev/null; fi
+      ;;
+    *)
+      echo "gpu_session.sh: unknown stage '$stage'; stages are build, tests, bench" >&2
+      exit 2
+      ;;
+  esac
+done

@@ -1,5 +1,9 @@
 // Input checks shared by the CPU and CUDA glue of amflow::softmax_colsum_fwd / _bwd. Each
 // message names the argument, the value received and what is accepted.
+//
+// Every kernel entry also opens an at::AutoDispatchBelowADInplaceOrView: the backward ops have
+// no autograd formula, and called directly in grad mode the dispatcher's fallback would let the
+// ATen ops inside the kernels record a graph on inputs that require grad.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -314,6 +314,27 @@ def test_cpu_backend_independent_of_threads():
         assert torch.equal(first, second)
 
 
+def test_cpu_kernels_record_no_autograd():
+    """The CPU kernels call ATen ops in their worker threads: there they must stay below
+    autograd, as in the calling thread. On inputs that require grad, the backward op returns
+    plain tensors under no_grad (as autograd calls it: no history, nothing kept alive), and in
+    grad mode it runs and gives the same values."""
+    require_backend("cpu", "cpu")
+    q, k = (torch.randn(1, 3, 2, 70, 16, requires_grad=True) for _ in range(2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out, stats = torch.ops.amflow.softmax_colsum_fwd(q.detach(), k.detach(), 1, True, 0.25)
+        grad = torch.ones_like(out)
+        with torch.no_grad():
+            expected = torch.ops.amflow.softmax_colsum_bwd(grad, q, k, stats, 1, True, 0.25)
+        assert all(not t.requires_grad and t.grad_fn is None for t in expected)
+        for got, want in zip(torch.ops.amflow.softmax_colsum_bwd(grad, q, k, stats, 1, True, 0.25), expected):
+            assert torch.equal(got.detach(), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
 EXTENSION_BAD_INPUTS = [
     ((torch.zeros(2, 3, 4, 8), torch.zeros(2, 3, 4, 8), 1, True), r"q must have shape \(B, T, H, N, D\), got \[2, 3, 4, 8\]"),
     ((torch.zeros(1, 3, 2, 4, 8), torch.zeros(1, 3, 2, 5, 8), 1, True), r"k.shape must equal q.shape \[1, 3, 2, 4, 8\], got \[1, 3, 2, 5, 8\]"),

@@ -15,12 +15,12 @@
 //   dk_j = (dKV v_j + dz) ⊙ φ'(k_j),     dv_j = dKVᵀ φ(k_j).
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -251,7 +251,7 @@ void backward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar
 // Runs task(scratch, b, h) for every head in parallel, with one Scratch per chunk.
 template <typename scalar_t, typename F>
 void for_each_head(const Shape& s, F&& task) {
-  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(s.B * s.H, [&](int64_t begin, int64_t end) {
     Scratch<scalar_t> scratch(s);
     for (int64_t i = begin; i < end; ++i) task(scratch, i / s.H, i % s.H);
   });
@@ -263,6 +263,7 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& v) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                         const at::Tensor& v_in, double eps) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see checks.h
   check_inputs(q_in, k_in, v_in);
   const auto q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const Shape s = shape_of(q, v);
@@ -284,6 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd_cpu(const at
                                                                         const at::Tensor& k_in, const at::Tensor& v_in,
                                                                         const at::Tensor& kv_in, const at::Tensor& z_in,
                                                                         double eps) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see checks.h
   check_inputs(q_in, k_in, v_in);
   check_linear_attention_grad("cpu", grad_in, q_in, v_in, kv_in, z_in);
   const auto q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);

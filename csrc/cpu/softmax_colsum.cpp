@@ -14,12 +14,12 @@
 //   dQ_t[rows] = scale · E_t K_t,   dK_t += scale · E_tᵀ Q_t[rows]   (batched GEMMs over t).
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -135,6 +135,7 @@ void forward_task(const Shape& s, int64_t b, int64_t h, const at::Tensor& q, con
 
 std::tuple<at::Tensor, at::Tensor> softmax_colsum_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                           int64_t offset, bool paired, double scale) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see checks.h
   check_inputs(q_in, k_in, offset, paired);
   const auto q = unit_last_stride(q_in);
   const auto k = unit_last_stride(k_in);
@@ -144,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_colsum_fwd_cpu(const at::Tensor& q_in
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "softmax_colsum_fwd_cpu", [&] {
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     float* stats_ptr = stats.data_ptr<float>();
-    at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(s.B * s.H, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         forward_task<scalar_t>(s, task / s.H, task % s.H, q, k, scale, out_ptr, stats_ptr);
       }
@@ -205,6 +206,7 @@ void backward_task(const Shape& s, int64_t b, int64_t h, const scalar_t* grad, c
 std::tuple<at::Tensor, at::Tensor> softmax_colsum_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& q_in,
                                                           const at::Tensor& k_in, const at::Tensor& stats,
                                                           int64_t offset, bool paired, double scale) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see checks.h
   check_inputs(q_in, k_in, offset, paired);
   const auto q = unit_last_stride(q_in);
   const auto k = unit_last_stride(k_in);
@@ -215,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_colsum_bwd_cpu(const at::Tensor& grad
   auto dk = at::zeros(k.sizes(), k.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "softmax_colsum_bwd_cpu", [&] {
     const scalar_t* grad_ptr = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(s.B * s.H, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         backward_task<scalar_t>(s, task / s.H, task % s.H, grad_ptr, q, k, scale, dq, dk);
       }

@@ -63,6 +63,7 @@ int64_t chunks_of(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                                          const at::Tensor& v, double eps) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see checks.h
   check_inputs(q, k, v);
   const c10::cuda::CUDAGuard guard(q.device());
   auto p = make_params(q, k, v, eps);
@@ -95,6 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd_cuda(const a
                                                                          const at::Tensor& k, const at::Tensor& v,
                                                                          const at::Tensor& kv_in, const at::Tensor& z_in,
                                                                          double eps) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see checks.h
   check_inputs(q, k, v);
   check_linear_attention_grad("cuda", grad_in, q, v, kv_in, z_in);
   const c10::cuda::CUDAGuard guard(q.device());

@@ -46,6 +46,7 @@ cuda::ColsumParams make_params(const at::Tensor& q, const at::Tensor& k, int64_t
 
 std::tuple<at::Tensor, at::Tensor> softmax_colsum_fwd_cuda(const at::Tensor& q, const at::Tensor& k, int64_t offset,
                                                            bool paired, double scale) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see checks.h
   check_inputs(q, k, offset, paired);
   const c10::cuda::CUDAGuard guard(q.device());
   auto p = make_params(q, k, offset, paired, scale);
@@ -63,6 +64,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_colsum_fwd_cuda(const at::Tensor& q, 
 std::tuple<at::Tensor, at::Tensor> softmax_colsum_bwd_cuda(const at::Tensor& grad, const at::Tensor& q,
                                                            const at::Tensor& k, const at::Tensor& stats,
                                                            int64_t offset, bool paired, double scale) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see checks.h
   check_inputs(q, k, offset, paired);
   const c10::cuda::CUDAGuard guard(q.device());
   auto p = make_params(q, k, offset, paired, scale);
