@@ -18,8 +18,7 @@ from amflow_models import AMFlowVideoModel, create_backbone
 
 SHAPES = {"cuda": {"vit_base_patch14_reg4_dinov2 B8 T8": (8, 8)}, "cpu": {"vit_base_patch14_reg4_dinov2 B1 T4": (1, 4)}}
 WORKLOADS = [(device, name, flow, kernels) for device in ("cuda", "cpu") for name in SHAPES[device]
-             for flow in (("vanilla", "aligned") if device == "cuda" else ("vanilla",))
-             for kernels in ("auto", "reference")]
+             for flow in ("vanilla", "aligned") for kernels in ("auto", "reference")]
 
 
 def _model(flow: str, kernels: str, device: str) -> AMFlowVideoModel:
