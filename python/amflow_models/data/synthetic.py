@@ -15,6 +15,9 @@ those labels). Where the shape is in a frame (a 3 × 3 grid of cells) is the sin
 the image model is pretrained on: it learns to find the shape, not how it moves.
 
 Clips are written as H.264 files, so the dataset is read back by the same reader as real data.
+They are lossless (crf 0): libx264's lossy decisions differ from run to run on identical input,
+which made the decoded clips, and every result trained on them, differ between runs of the
+same seed; losslessly coded, the decoded frames are bitwise reproducible.
 Generation is deterministic in ``seed``.
 """
 
@@ -122,7 +125,7 @@ def generate_synthetic(
             label = index % len(CLASSES)
             frames, centres = render_clip(label, rng, num_frames=num_frames, size=size, camera_motion=camera_motion)
             video = f"videos/{split}/{index:05d}.mp4"
-            write_video(root / video, frames)
+            write_video(root / video, frames, crf=0)
             lines.append(f"{video} {label}")
             for t in range(num_frames):
                 folder = f"frames/{split}/{index:05d}_{t:02d}"
