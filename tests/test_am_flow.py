@@ -38,6 +38,9 @@ CPU_CASES = [
     (1, 5, 2, 65, 40, 1, "qkv"),
     (1, 2, 1, 33, 128, 1, "strided"),
     (1, 3, 1, 20, 256, 1, "contiguous"),
+    # N above the kernel's 128-row block: several row blocks, on its own GEMM and on ATen's.
+    (1, 2, 1, 150, 4, 1, "qkv"),
+    (1, 3, 2, 200, 32, 1, "strided"),
 ]
 # On a GPU: the whole grid of the issue plus real ViT token counts, in every dtype.
 GPU_CASES = [

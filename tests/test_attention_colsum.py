@@ -20,6 +20,8 @@ CPU_CASES = [
     ((2, 2, 65, 80), "transposed"),
     ((2, 2, 2, 33, 128), "contiguous"),
     ((1, 20, 256), "contiguous"),
+    ((2, 1, 150, 4), "qkv"),  # several 128-row blocks, on the kernel's own GEMM
+    ((1, 2, 200, 32), "transposed"),  # several row blocks, on ATen's GEMM
 ]
 GPU_CASES = [
     ((B, H, N, D), layout)

@@ -2,10 +2,9 @@
 //
 // A task owns one (batch b, head h) and walks blocks of R tokens. For each block, φ(x) =
 // elu(x) + 1 (and φ'(x)) are formed in a thread-local R × D buffer, and a small register-blocked
-// GEMM (at::vec) updates or applies the D × Dv state, which stays in L1; φ(q), φ(k) never exist
-// for a whole head. The GEMM is ours rather than ATen's: the aligning encoder runs thousands of
-// small heads (D = its width / 12, often 4 to 16), where a dispatched call per block would cost
-// more than the arithmetic. Extra memory is O(R·(D + Dv) + D·Dv) per thread plus the returned
+// GEMM (small_gemm.h) updates or applies the D × Dv state, which stays in L1; φ(q), φ(k) never
+// exist for a whole head (the aligning encoder's heads are small: D = its width / 12, often 4 to
+// 16). Extra memory is O(R·(D + Dv) + D·Dv) per thread plus the returned
 // state. Every sum runs in a fixed order inside its task, so results do not depend on the
 // thread count.
 //
@@ -21,6 +20,7 @@
 
 #include "../checks.h"
 #include "parallel.h"
+#include "small_gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -54,76 +54,6 @@ struct HeadRows {
   const scalar_t* operator[](int64_t n) const { return data + n * row_stride; }
 };
 
-// A matrix operand read as data[r · row_stride + k · k_stride]: a dense matrix, or its transpose.
-template <typename scalar_t>
-struct Operand {
-  const scalar_t* data;
-  int64_t row_stride, k_stride;
-  scalar_t operator()(int64_t r, int64_t k) const { return data[r * row_stride + k * k_stride]; }
-};
-
-// One R × (V·W) tile of Y = A B (+ Y when accumulating), at rows r0 and column c0; B is K × C
-// dense. The R·V accumulators stay in registers: each row of B loaded once serves R rows, and
-// R·V independent FMA chains hide the FMA latency.
-template <int R, int V, typename scalar_t>
-void gemm_tile(scalar_t* Y, int64_t y_stride, const Operand<scalar_t>& A, const scalar_t* B, int64_t K, int64_t C,
-               int64_t r0, int64_t c0, bool accumulate) {
-  using Vec = Vectorized<scalar_t>;
-  constexpr int64_t W = Vec::size();
-  Vec acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? Vec::loadu(Y + (r0 + r) * y_stride + c0 + v * W) : Vec(0);
-  for (int64_t k = 0; k < K; ++k) {
-    Vec b[V];
-    for (int v = 0; v < V; ++v) b[v] = Vec::loadu(B + k * C + c0 + v * W);
-    for (int r = 0; r < R; ++r) {
-      const Vec a(A(r0 + r, k));
-      for (int v = 0; v < V; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v].store(Y + (r0 + r) * y_stride + c0 + v * W);
-}
-
-// Rows [r0, r0 + R) of Y = A B (+ Y): tiles of two vectors, then one, then scalar columns.
-template <int R, typename scalar_t>
-void gemm_rows(scalar_t* Y, int64_t y_stride, const Operand<scalar_t>& A, const scalar_t* B, int64_t K, int64_t C,
-               int64_t r0, bool accumulate) {
-  constexpr int64_t W = Vectorized<scalar_t>::size();
-  int64_t c0 = 0;
-  for (; c0 + 2 * W <= C; c0 += 2 * W) gemm_tile<R, 2>(Y, y_stride, A, B, K, C, r0, c0, accumulate);
-  for (; c0 + W <= C; c0 += W) gemm_tile<R, 1>(Y, y_stride, A, B, K, C, r0, c0, accumulate);
-  for (int r = 0; r < R; ++r) {
-    for (int64_t c = c0; c < C; ++c) {
-      scalar_t sum = accumulate ? Y[(r0 + r) * y_stride + c] : scalar_t(0);
-      for (int64_t k = 0; k < K; ++k) sum += A(r0 + r, k) * B[k * C + c];
-      Y[(r0 + r) * y_stride + c] = sum;
-    }
-  }
-}
-
-// Y = A B, or Y += A B when accumulating: A is rows × K (an Operand), B is K × C dense, Y is
-// rows × C with row stride y_stride. A small GEMM in registers, without ATen calls; its sums run
-// in k order.
-template <typename scalar_t>
-void small_gemm(scalar_t* Y, int64_t y_stride, const Operand<scalar_t>& A, const scalar_t* B, int64_t rows, int64_t K,
-                int64_t C, bool accumulate) {
-  int64_t r0 = 0;
-  for (; r0 + 4 <= rows; r0 += 4) gemm_rows<4>(Y, y_stride, A, B, K, C, r0, accumulate);
-  for (; r0 < rows; ++r0) gemm_rows<1>(Y, y_stride, A, B, K, C, r0, accumulate);
-}
-
-template <typename scalar_t>
-scalar_t dot(const scalar_t* x, const scalar_t* y, int64_t n) {
-  using Vec = Vectorized<scalar_t>;
-  Vec acc(0);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(x + i), Vec::loadu(y + i), acc);
-  scalar_t sum = at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, acc);
-  for (; i < n; ++i) sum += x[i] * y[i];
-  return sum;
-}
-
 // dst[t, :] = src row r0 + t, dense.
 template <typename scalar_t>
 void load_rows(scalar_t* dst, const HeadRows<scalar_t>& src, int64_t r0, int64_t rows, int64_t C) {
@@ -154,12 +84,6 @@ void load_features(scalar_t* phi, scalar_t* dphi, const HeadRows<scalar_t>& src,
     if (dphi != nullptr) dphi[i] = x > 0 ? scalar_t(1) : e;
   }
 }
-
-template <typename scalar_t>
-Operand<scalar_t> dense(const scalar_t* data, int64_t cols) { return {data, cols, 1}; }
-
-template <typename scalar_t>
-Operand<scalar_t> transposed(const scalar_t* data, int64_t cols) { return {data, 1, cols}; }
 
 struct Shape {
   int64_t B, H, Nq, Nk, D, Dv;
@@ -192,7 +116,7 @@ void forward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar_
     const int64_t rows = std::min(kTokenBlock, s.Nk - r0);
     load_features(buf.phi.data(), static_cast<scalar_t*>(nullptr), k, r0, rows, D);
     load_rows(buf.rows.data(), v, r0, rows, Dv);
-    small_gemm(kv, Dv, transposed(buf.phi.data(), D), buf.rows.data(), D, rows, Dv, true);  // KV += φ(K)ᵀ V
+    small_gemm(kv, Dv, transposed(buf.phi.data(), D), buf.rows.data(), Dv, D, rows, Dv, true);  // KV += φ(K)ᵀ V
     for (int64_t t = 0; t < rows; ++t)
       for (int64_t d = 0; d < D; ++d) z[d] += buf.phi[t * D + d];
   }
@@ -200,7 +124,7 @@ void forward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar_
     const int64_t rows = std::min(kTokenBlock, s.Nq - r0);
     load_features(buf.phi.data(), static_cast<scalar_t*>(nullptr), q, r0, rows, D);
     scalar_t* out_rows = out + r0 * Dv;
-    small_gemm(out_rows, Dv, dense(buf.phi.data(), D), kv, rows, D, Dv, false);  // φ(Q) KV
+    small_gemm(out_rows, Dv, dense(buf.phi.data(), D), kv, Dv, rows, D, Dv, false);  // φ(Q) KV
     for (int64_t t = 0; t < rows; ++t) {
       const scalar_t den = dot(buf.phi.data() + t * D, z, D) + static_cast<scalar_t>(eps);
       for (int64_t c = 0; c < Dv; ++c) out_rows[t * Dv + c] /= den;
@@ -222,7 +146,7 @@ void backward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar
     const int64_t rows = std::min(kTokenBlock, s.Nq - r0);
     load_features(phi, dphi, q, r0, rows, D);
     load_rows(u, grad, r0, rows, Dv);
-    small_gemm(y, Dv, dense(phi, D), kv, rows, D, Dv, false);  // y_i = φ(q_i)ᵀ KV = den_i · out_i
+    small_gemm(y, Dv, dense(phi, D), kv, Dv, rows, D, Dv, false);  // y_i = φ(q_i)ᵀ KV = den_i · out_i
     for (int64_t t = 0; t < rows; ++t) {
       const scalar_t den = dot(phi + t * D, z, D) + static_cast<scalar_t>(eps);
       for (int64_t c = 0; c < Dv; ++c) u[t * Dv + c] /= den;
@@ -230,10 +154,10 @@ void backward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar
       for (int64_t d = 0; d < D; ++d) dz[d] += w[t] * phi[t * D + d];
     }
     scalar_t* dq_rows = dq + r0 * D;
-    small_gemm(dq_rows, D, dense(u, Dv), buf.kv_t.data(), rows, Dv, D, false);  // KV u_i
+    small_gemm(dq_rows, D, dense(u, Dv), buf.kv_t.data(), D, rows, Dv, D, false);  // KV u_i
     for (int64_t t = 0; t < rows; ++t)
       for (int64_t d = 0; d < D; ++d) dq_rows[t * D + d] = (dq_rows[t * D + d] + w[t] * z[d]) * dphi[t * D + d];
-    small_gemm(dkv, Dv, transposed(phi, D), u, D, rows, Dv, true);  // dKV += φ(Q)ᵀ U
+    small_gemm(dkv, Dv, transposed(phi, D), u, Dv, D, rows, Dv, true);  // dKV += φ(Q)ᵀ U
   }
   transpose(buf.dkv_t.data(), dkv, D, Dv);
   for (int64_t r0 = 0; r0 < s.Nk; r0 += kTokenBlock) {
@@ -241,10 +165,10 @@ void backward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar
     load_features(phi, dphi, k, r0, rows, D);
     load_rows(u, v, r0, rows, Dv);
     scalar_t* dk_rows = dk + r0 * D;
-    small_gemm(dk_rows, D, dense(u, Dv), buf.dkv_t.data(), rows, Dv, D, false);  // dKV v_j
+    small_gemm(dk_rows, D, dense(u, Dv), buf.dkv_t.data(), D, rows, Dv, D, false);  // dKV v_j
     for (int64_t t = 0; t < rows; ++t)
       for (int64_t d = 0; d < D; ++d) dk_rows[t * D + d] = (dk_rows[t * D + d] + dz[d]) * dphi[t * D + d];
-    small_gemm(dv + r0 * Dv, Dv, dense(phi, D), dkv, rows, D, Dv, false);  // dKVᵀ φ(k_j)
+    small_gemm(dv + r0 * Dv, Dv, dense(phi, D), dkv, Dv, rows, D, Dv, false);  // dKVᵀ φ(k_j)
   }
 }
 
