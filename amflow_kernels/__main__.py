@@ -6,7 +6,7 @@
    (values and gradients of am_flow, attention_colsum and linear_attention);
 4. am_flow timed against the eager reference on the local device.
 
-Exits with status 1 if a check fails.
+Exits with status 1 if a check fails, or if a backend named with ``--require`` is unavailable.
 """
 
 from __future__ import annotations
@@ -140,12 +140,29 @@ def _timing() -> None:
     )
 
 
+def _required(names: list[str]) -> bool:
+    """Each named backend is available on at least one local device."""
+    ok = True
+    for name in names:
+        reasons = [_dispatch.backend_report(device)[name] for device in _devices()]
+        if all(why is not None for why in reasons):
+            print(f"\nrequired backend {name!r} is unavailable: {'; '.join(reasons)}")
+            ok = False
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m amflow_kernels", description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
+    parser.add_argument(
+        "--require", action="append", default=[], metavar="BACKEND",
+        choices=list(_dispatch.BACKENDS),
+        help="fail unless this backend is available here (repeatable), e.g. to check that an install built the extension",
+    )
+    args = parser.parse_args(argv)
     _versions()
     _backends()
-    ok = _checks()
+    ok = _required(args.require)
+    ok &= _checks()
     _timing()
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1

@@ -8,14 +8,31 @@ paired the attention colsum. The CPU and CUDA kernels register under the same sc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+
+def _extension_error(error: ImportError) -> str:
+    message = f"the compiled extension amflow_kernels._C is not available ({error})"
+    package = Path(__file__).resolve().parents[1]
+    if (package.parent / "setup.py").exists() and not any(package.glob("_C*")):
+        # Python put the current directory first on sys.path: a checkout shadows the installed
+        # package, whose extension lives in site-packages.
+        message += (
+            f"; amflow_kernels was imported from the source checkout {package.parent}, which has"
+            " no built extension: run from another directory to use the installed package, or"
+            " build in place with `python setup.py build_ext --inplace`"
+        )
+    return message
+
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers the amflow:: ops)
 
     EXTENSION_ERROR = None
 except ImportError as error:
-    EXTENSION_ERROR = f"the compiled extension amflow_kernels._C is not available ({error})"
+    EXTENSION_ERROR = _extension_error(error)
 
 
 # Device types the extension has kernels for, read once: dispatch runs on every call and

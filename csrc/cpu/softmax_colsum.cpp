@@ -35,8 +35,8 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Rows per block: large blocks let each key row loaded serve more query rows; the (T, R, N) score and
-// gradient buffers of a thread stay near 8 MiB in float32 (at least 32 rows).
+// Rows per block: large blocks give the GEMMs more rows per key loaded; the (T, R, N) score
+// and gradient buffers of a thread stay near 8 MiB in float32 (at least 32 rows).
 int64_t row_block(int64_t T, int64_t N) {
   return std::clamp<int64_t>((int64_t{1} << 21) / (T * N), 32, 128);
 }
