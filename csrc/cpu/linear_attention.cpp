@@ -19,7 +19,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "parallel.h"
+#include "tasks.h"
 #include "small_gemm.h"
 
 #include <algorithm>
@@ -39,9 +39,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "linear_attention (cpu): q.dtype must be float32 or float64, got ", q.scalar_type());
 }
-
-// The loops read rows through their strides but need a unit stride along the last dim.
-at::Tensor unit_last_stride(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
 // Rows of one (b, h) slice of a (B, H, N, C) tensor with a unit last stride.
 template <typename scalar_t>

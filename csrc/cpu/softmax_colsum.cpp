@@ -21,7 +21,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "parallel.h"
+#include "tasks.h"
 #include "small_gemm.h"
 
 #include <algorithm>
@@ -46,11 +46,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, int64_t offset, bool
   TORCH_CHECK(q.device().is_cpu(), "softmax_colsum (cpu): q must be a CPU tensor, got ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "softmax_colsum (cpu): q.dtype must be float32 or float64, got ", q.scalar_type());
-}
-
-// The GEMMs read rows through their strides but need a unit stride along D.
-at::Tensor unit_last_stride(const at::Tensor& x) {
-  return x.stride(-1) == 1 ? x : x.contiguous();
 }
 
 template <typename scalar_t>

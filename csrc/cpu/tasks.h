@@ -1,10 +1,15 @@
-// Parallel loops of the CPU kernels.
+// What the tasks of every CPU kernel share: the layout they read and the parallel loop that
+// runs them.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
 namespace amflow {
+
+// The tasks read rows through their strides but need a unit stride along the last dim.
+inline at::Tensor unit_last_stride(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
 // at::parallel_for over tasks [0, n), one task at a time, with the caller's thread-local state
 // (dispatch-key exclusions, grad mode) in every worker. at::parallel_for does not carry it over:
