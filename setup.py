@@ -128,7 +128,8 @@ setup(
     ],
     entry_points={"console_scripts": ["amflow = amflow_models.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "numpy"],
+        # ninja: tests/cuda_emulator builds csrc/cuda's kernels with torch's JIT extension loader
+        "test": ["pytest>=8", "pytest-benchmark>=4", "numpy", "ninja"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "numpy", "flash-colreduce"],
     },
     license="MIT",

@@ -1,0 +1,63 @@
+"""Builds csrc/cuda's kernels for the CPU emulator of emulator.h and loads them as a module.
+
+The headers are copied with two rewrites that a C++ compiler needs in place of nvcc, as
+hipify rewrites CUDA for HIP: ``kernel<<<config>>>(args)`` becomes
+``::emu::launch(kernel, config)(args)`` and ``extern __shared__ T name[];`` becomes a pointer to
+the launch's dynamic shared memory. Everything else compiles as written, against the stand-in
+``<cuda_runtime.h>`` and ``<mma.h>`` of ``include/`` and CUDA's own fp16/bf16 headers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CSRC_CUDA = HERE.parents[1] / "csrc" / "cuda"
+LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(")
+DYNAMIC_SHARED = re.compile(r"extern __shared__ (\w+) (\w+)\[\];")
+
+
+def cuda_headers() -> Path | None:
+    """CUDA's include directory (for cuda_fp16.h, cuda_bf16.h, vector_types.h), if installed."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    for root in (os.environ.get("CUDA_HOME"), CUDA_HOME, "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
+def rewrite(source: str) -> str:
+    source = LAUNCH.sub(r"::emu::launch(\1, \2)(", source)
+    return DYNAMIC_SHARED.sub(r"\1* \2 = ::emu::dynamic_shared<\1>();", source)
+
+
+@functools.cache
+def load():
+    """The emulated kernels as a module, built in torch's extension cache (per torch version)."""
+    import torch
+    from torch.utils.cpp_extension import load as load_extension
+
+    headers = cuda_headers()
+    if headers is None:
+        raise RuntimeError("the CUDA emulator needs CUDA's headers (set CUDA_HOME to a toolkit)")
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    build = cache / f"amflow_cuda_emulator-torch{torch.__version__}"
+    build.mkdir(parents=True, exist_ok=True)
+    sources = {path.name: rewrite(path.read_text()) for path in (*CSRC_CUDA.glob("*.cuh"), CSRC_CUDA / "dispatch.h")}
+    sources["ops.cpp"] = (HERE / "ops.cpp").read_text()
+    for name, text in sources.items():  # rewritten only when changed: ninja rebuilds on mtimes
+        target = build / name
+        if not target.exists() or target.read_text() != text:
+            target.write_text(text)
+    return load_extension(
+        name="amflow_cuda_emulator",
+        sources=[str(build / "ops.cpp")],
+        build_directory=str(build),
+        extra_include_paths=[str(HERE / "include"), str(build), str(headers)],
+        extra_cflags=["-O2", "-Wno-unknown-pragmas"],
+        verbose=False,
+    )

@@ -1,0 +1,152 @@
+"""The CUDA backend's kernels (csrc/cuda/*.cuh) on this CPU, through the CUDA emulator of
+tests/cuda_emulator, against the float64 reference in float32, float16 and bfloat16.
+
+The emulator runs every CUDA thread of a block as a fiber that yields only at barriers and
+warp collectives, and emulates WMMA on fp32 arithmetic, so these tests check what a GPU-less
+machine can: the kernels' arithmetic and indexing, tile edges, strided reads, launch
+configurations, barrier placement (a divergent __syncthreads is an error, a missing one gives
+wrong sums) and the WMMA API's alignment rules, in every dtype the kernels take. They do not
+check speed, memory-model races or register limits: the tests with backend "cuda" in the
+other files run the same kernels on a GPU where one exists. The parameters are filled as the
+CUDA glue fills them (cuda_emulator/ops.cpp); the glue's validation is tested with the
+extension.
+"""
+
+from __future__ import annotations
+
+import cuda_emulator
+import pytest
+import torch
+from helpers import (
+    as_float64_leaves,
+    assert_as_accurate_as_pytorch,
+    assert_close,
+    make_qk,
+    make_qkv,
+    pytorch_in_dtype,
+    round_scores,
+)
+from test_am_flow import CPU_CASES as COLSUM_CASES
+from test_am_flow import _case_id
+from test_linear_attention import GRID, SHAPES, grid_eps
+
+from amflow_kernels import reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+H100_SMS = 132  # the linear-attention glue sizes its chunks by the device's multiprocessors
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    if torch.cuda.is_available():
+        pytest.skip(reason="a GPU is present: the tests with backend 'cuda' run these kernels on it")
+    if cuda_emulator.cuda_headers() is None:
+        pytest.skip(reason="the CUDA emulator compiles against CUDA's cuda_fp16.h: set CUDA_HOME to a CUDA toolkit")
+    return cuda_emulator.load()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _colsum_reference(q, k, offset, paired, scale):
+    if paired:
+        return reference.am_flow(q, k, offset=offset, scale=scale)
+    return reference.attention_colsum(q, k, scale=scale)
+
+
+def _colsum_emulated(emulated, q, k, grad, offset, paired, scale):
+    out, stats = emulated.softmax_colsum_fwd(q, k, offset, paired, scale)
+    dq, dk = emulated.softmax_colsum_bwd(grad, q, k, stats, offset, paired, scale)
+    return out, dq, dk
+
+
+def _frames(layout, B, T, H, N, D, dtype):
+    """(B, T, H, N, D) q, k in the layout's strides (views, not copies)."""
+    q, k, kw = make_qk(layout, B, T, H, N, D, dtype, "cpu")
+    return [reference.as_frames(x.detach(), kw.get("num_frames")) for x in (q, k)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
+@pytest.mark.parametrize("case", COLSUM_CASES, ids=_case_id)
+def test_softmax_colsum(emulated, case, paired, dtype):
+    B, T, H, N, D, offset, layout = case
+    q, k = _frames(layout, B, T, H, N, D, dtype)
+    scale = D**-0.5
+    q64, k64 = as_float64_leaves(q, k)
+    ref = _colsum_reference(q64, k64, offset, paired, scale)
+    grad = torch.randn(ref.shape, dtype=dtype)
+    ref.backward(grad.double())
+    ql, kl = (x.clone().requires_grad_() for x in (q, k))
+    ref_lowp = _colsum_reference(ql, kl, offset, paired, scale)
+    ref_lowp.backward(grad)
+    out, dq, dk = _colsum_emulated(emulated, q, k, grad, offset, paired, scale)
+    assert out.dtype == dtype and dq.shape == q.shape and dk.shape == k.shape
+    assert_close("out", out, ref, ref_lowp)
+    assert_close("dq", dq, q64.grad, ql.grad)
+    assert_close("dk", dk, k64.grad, kl.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_softmax_colsum_large_scores(emulated, dtype):
+    """|S| in the thousands: finite, and as accurate as PyTorch (see test_am_flow's twin)."""
+    q, k = (20 * x for x in _frames("contiguous", 1, 3, 2, 40, 64, torch.float32))
+    q, k = q.to(dtype), k.to(dtype)
+    scale = 64**-0.5
+    q64, k64 = as_float64_leaves(q, k)
+    assert (q64 @ k64.transpose(-1, -2)).abs().max() * scale > 1000, "scores must be large"
+    ref = reference.am_flow(q64, k64, scale=scale)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    lowp = list(zip(*pytorch_in_dtype(lambda a, b: reference.am_flow(a, b, scale=scale), (q, k), grad.to(dtype))))
+    qr, kr = as_float64_leaves(q, k)
+    scores = round_scores(scale * qr @ kr.transpose(-1, -2), dtype)
+    ref_rounded = (scores[:, :-1] - scores[:, 1:]).abs().softmax(-1).sum(-2)
+    ref_rounded.backward(grad)
+    out, dq, dk = _colsum_emulated(emulated, q, k, grad.to(dtype), 1, True, scale)
+    assert_as_accurate_as_pytorch("out", out, ref, lowp[0], ref_rounded)
+    assert_as_accurate_as_pytorch("dq", dq, q64.grad, lowp[1], qr.grad)
+    assert_as_accurate_as_pytorch("dk", dk, k64.grad, lowp[2], kr.grad)
+
+
+def _check_linear_attention(emulated, q, k, v, eps, sms):
+    q, k, v = (x.detach() for x in (q, k, v))
+    q64, k64, v64 = as_float64_leaves(q, k, v)
+    ref = reference.linear_attention(q64, k64, v64, eps=eps)
+    grad = torch.randn(ref.shape, dtype=q.dtype)
+    ref.backward(grad.double())
+    ql, kl, vl = (x.clone().requires_grad_() for x in (q, k, v))
+    ref_lowp = reference.linear_attention(ql, kl, vl, eps=eps)
+    ref_lowp.backward(grad)
+    out, kv, z = emulated.linear_attention_fwd(q, k, v, eps, sms)
+    dq, dk, dv = emulated.linear_attention_bwd(grad, q, k, v, kv, z, eps, sms)
+    phi_k = torch.nn.functional.elu(k64.detach()) + 1
+    assert_close("kv", kv, phi_k.transpose(-1, -2) @ v64.detach())
+    assert_close("z", z, phi_k.sum(-2))
+    for name, fused, expected, same_dtype in zip(
+        ("out", "dq", "dk", "dv"), (out, dq, dk, dv), (ref, q64.grad, k64.grad, v64.grad),
+        (ref_lowp, ql.grad, kl.grad, vl.grad),
+    ):
+        assert_close(name, fused, expected, same_dtype)
+
+
+# Every token count, head dim and layout of the linear-attention grid, each head dim pair once.
+LINEAR_GRID = [case for case in GRID if case[0] <= 197 or case[1] == case[2]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("n, d, dv, layout", LINEAR_GRID, ids=[f"N{n}-D{d}-Dv{dv}-{lay}" for n, d, dv, lay in LINEAR_GRID])
+def test_linear_attention_grid(emulated, n, d, dv, layout, dtype):
+    _check_linear_attention(emulated, *make_qkv(layout, (2, 3), n, n, d, dv, dtype, "cpu"), grid_eps(n), H100_SMS)
+
+
+# Cross attention and head dims up to the kernels' 128 (the 8 × 16 accumulator tiling), with
+# the chunking of an H100 (a chunk per 32-token tile here: many partial states to sum) and of
+# a one-multiprocessor device (few chunks, each looping over several tiles).
+@pytest.mark.parametrize("sms", [H100_SMS, 1])
+@pytest.mark.parametrize("lead, nq, nk, d, dv, eps", SHAPES, ids=[f"{s[0]}-{s[1]}x{s[2]}-{s[3]}x{s[4]}" for s in SHAPES])
+def test_linear_attention_shapes(emulated, lead, nq, nk, d, dv, eps, sms):
+    q, k, v = make_qkv("contiguous", lead, nq, nk, d, dv, torch.float32, "cpu")
+    q, k, v = (x.reshape(-1, 1, *x.shape[-2:]) for x in (q, k, v))  # the kernels take (B, H, N, D)
+    _check_linear_attention(emulated, q, k, v, eps, sms)
