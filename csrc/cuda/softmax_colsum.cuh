@@ -165,7 +165,10 @@ __device__ void accumulate_scores(const ColsumParams& p, int64_t b, int64_t h, i
     }
     __syncthreads();  // sm.s is rewritten by the next tile
   } else {
-    for (int i = 0; i < kColsPerThread; ++i) s[i] = 0.f;
+    // Each frame's product in its own accumulator, subtracted at the end (as on tensor cores
+    // and in the reference): one running difference would round twice as often, at larger
+    // magnitudes, and lose accuracy on large scores.
+    float sa[kColsPerThread] = {0.f, 0.f, 0.f, 0.f}, sb[kColsPerThread] = {0.f, 0.f, 0.f, 0.f};
     for (int64_t d0 = 0; d0 < p.D; d0 += kTile) {
       load_score_chunk<T>(p, sm, b, h, fa, fb, frames, row0, col0, d0);
       __syncthreads();
@@ -174,12 +177,13 @@ __device__ void accumulate_scores(const ColsumParams& p, int64_t b, int64_t h, i
         const float qb = two_frames ? to_float(sm.q[1][ti.row][d]) : 0.f;
         for (int i = 0; i < kColsPerThread; ++i) {
           const int c = ti.lane + 8 * i;
-          s[i] += qa * to_float(sm.k[0][c][d]);
-          if (two_frames) s[i] -= qb * to_float(sm.k[1][c][d]);
+          sa[i] += qa * to_float(sm.k[0][c][d]);
+          if (two_frames) sb[i] += qb * to_float(sm.k[1][c][d]);
         }
       }
       __syncthreads();
     }
+    for (int i = 0; i < kColsPerThread; ++i) s[i] = sa[i] - sb[i];
   }
 }
 
