@@ -1,4 +1,4 @@
-// Host-side dtype dispatch shared by the CUDA glue: ATen dtypes to the kernels' element types.
+// Host-side helpers shared by the CUDA glue: ATen dtypes to the kernels' element types, strides.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,6 +16,11 @@ void dispatch_dtype(const char* op, at::ScalarType dtype, F&& f) {
     case at::kBFloat16: return f(__nv_bfloat16{});
     default: TORCH_CHECK(false, op, ": unsupported dtype ", dtype, " (accepted: float16, bfloat16, float32)");
   }
+}
+
+template <int kDims>
+void copy_strides(const at::Tensor& x, int64_t (&strides)[kDims]) {
+  for (int i = 0; i < kDims; ++i) strides[i] = x.stride(i);
 }
 
 }  // namespace amflow

@@ -47,7 +47,7 @@ def load():
     cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
     build = cache / f"amflow_cuda_emulator-torch{torch.__version__}"
     build.mkdir(parents=True, exist_ok=True)
-    sources = {path.name: rewrite(path.read_text()) for path in (*CSRC_CUDA.glob("*.cuh"), CSRC_CUDA / "dispatch.h")}
+    sources = {path.name: rewrite(path.read_text()) for path in (*CSRC_CUDA.glob("*.cuh"), *CSRC_CUDA.glob("*.h"))}
     sources["ops.cpp"] = (HERE / "ops.cpp").read_text()
     for name, text in sources.items():  # rewritten only when changed: ninja rebuilds on mtimes
         target = build / name
