@@ -176,12 +176,28 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(out) + "Time: median. MB: peak memory beyond the inputs (CUDA: allocated; CPU: resident).\n"
 
 
+DESELECTED: list = []
+
+
+def pytest_deselected(items):
+    DESELECTED.extend(items)
+
+
+def _partial(session) -> bool:
+    """Whether ``-k``, ``-m`` or file arguments narrowed the run to part of the benchmarks."""
+    ran = {Path(str(item.fspath)).name for item in session.items}
+    return bool(DESELECTED) or ran != {p.name for p in (ROOT / "bench").glob("bench_*.py")}
+
+
 def pytest_sessionfinish(session, exitstatus):
+    """Write the results; a narrowed run writes ``<device>-<date>-partial``, never over a full
+    run's record."""
     if not RESULTS:
         return
     env = environment()
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    stem = ROOT / "bench" / "results" / f"{slug}-{env['date'][:10]}"
+    partial = "-partial" if _partial(session) else ""
+    stem = ROOT / "bench" / "results" / f"{slug}-{env['date'][:10]}{partial}"
     stem.with_suffix(".json").write_text(json.dumps({**env, "results": RESULTS}, indent=1) + "\n")
     header = (
         f"Device: {env['device']} ({env['cpu_threads']} CPU threads); torch {env['torch']}, "

@@ -72,11 +72,7 @@ def _configs(block_pairs, warps, stages):
 def _fit_head_dim(configs, named_args, **kwargs):
     """Drop tiles whose q and k blocks would overflow shared memory at large head dims."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    fits = [
-        c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= BLOCKED_MAX_TILE
-    ]
-    # Under the interpreter the first config is the only one timed: take the largest that fits.
-    return fits[:1] if _INTERPRET else fits
+    return [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= BLOCKED_MAX_TILE]
 
 
 def _untimed(kernel_call, quantiles):

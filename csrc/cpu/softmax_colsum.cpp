@@ -9,6 +9,11 @@
 // O(T·(D + R)·N) per thread (never N × N per (clip, head)); outputs are owned by their task, so
 // results do not depend on the thread count and no reduction races.
 //
+// Every row of the scratch buffers is padded to Np, a whole number of vectors: the keys' padded
+// columns are zero, so the GEMMs and the row loops run on whole vectors with no scalar tail (at
+// a few dozen tokens the tails cost as much as the rest), and the padded logits are set to −∞,
+// so they add nothing to a softmax.
+//
 // Forward, per row i of pair p (a = p, b = p + offset; not paired: z = S[p]):
 //   z = S[a] − S[b], x = |z|, m = max_j x, e = exp(x − m), P = e / Σ_j e;  out[p] += Σ_i P.
 // Backward, with g = ∂L/∂out[p] and c_i = Σ_j P_ij g_j (P recomputed exactly from full rows):
@@ -48,10 +53,13 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, int64_t offset, bool
               "softmax_colsum (cpu): q.dtype must be float32 or float64, got ", q.scalar_type());
 }
 
+// The row helpers below take whole vectors: n is a multiple of Vectorized<scalar_t>::size().
 template <typename scalar_t>
 scalar_t row_max(const scalar_t* x, int64_t n) {
-  return at::vec::reduce_all<scalar_t>(
-      [](Vectorized<scalar_t>& a, Vectorized<scalar_t>& b) { return at::vec::maximum(a, b); }, x, n);
+  using Vec = Vectorized<scalar_t>;
+  Vec acc = Vec::loadu(x);
+  for (int64_t j = Vec::size(); j < n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
+  return at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
 }
 
 // x ← exp(x − m) in place; returns Σ_j exp(x_j − m).
@@ -60,40 +68,61 @@ scalar_t exp_shifted_sum(scalar_t* x, scalar_t m, int64_t n) {
   using Vec = Vectorized<scalar_t>;
   const Vec shift(m);
   Vec acc(0);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    Vec e = (Vec::loadu(x + j) - shift).exp();
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const Vec e = (Vec::loadu(x + j) - shift).exp();
     e.store(x + j);
     acc = acc + e;
   }
-  scalar_t sum = at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, acc);
-  for (; j < n; ++j) {
-    x[j] = std::exp(x[j] - m);
-    sum += x[j];
-  }
-  return sum;
+  return at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, acc);
 }
 
-// Row i of the logits x = |S[a] − S[b]| (paired) or S[a], into `x`; z keeps the signed values.
+// The logits of one padded score row: x = |S[a] − S[b]| with z = S[a] − S[b] kept (paired), or
+// x = S[a]; then x = −∞ on the padding [n, np), which the softmax turns into zeros.
 template <typename scalar_t>
-void row_logits(const scalar_t* sa, const scalar_t* sb, bool paired, scalar_t* z, scalar_t* x, int64_t n) {
+void row_logits(const scalar_t* sa, const scalar_t* sb, bool paired, scalar_t* z, scalar_t* x, int64_t n,
+                int64_t np) {
   using Vec = Vectorized<scalar_t>;
-  if (!paired) {
-    std::copy(sa, sa + n, x);
-    return;
+  for (int64_t j = 0; j < np; j += Vec::size()) {
+    const Vec a = Vec::loadu(sa + j);
+    if (paired) {
+      const Vec difference = a - Vec::loadu(sb + j);
+      difference.store(z + j);
+      difference.abs().store(x + j);
+    } else {
+      a.store(x + j);
+    }
   }
-  at::vec::map2<scalar_t>([](Vec a, Vec b) { return a - b; }, z, sa, sb, n);
-  at::vec::map<scalar_t>([](Vec v) { return v.abs(); }, x, z, n);
+  std::fill(x + n, x + np, -std::numeric_limits<scalar_t>::infinity());
+}
+
+// e_first += sign(z)·dz and e_second −= sign(z)·dz, with sign(0) = sign(NaN) = 0 (paired), or
+// e_first += dz.
+template <typename scalar_t>
+void scatter_logit_grad(const scalar_t* z, const scalar_t* dz, bool paired, scalar_t* e_first, scalar_t* e_second,
+                        int64_t np) {
+  using Vec = Vectorized<scalar_t>;
+  const Vec zero(0);
+  for (int64_t j = 0; j < np; j += Vec::size()) {
+    Vec v = Vec::loadu(dz + j);
+    if (paired) {
+      const Vec zj = Vec::loadu(z + j);
+      v = Vec::blendv(zero, v, zj > zero) - Vec::blendv(zero, v, zj < zero);
+      (Vec::loadu(e_second + j) - v).store(e_second + j);
+    }
+    (Vec::loadu(e_first + j) + v).store(e_first + j);
+  }
 }
 
 struct Shape {
   int64_t B, T, H, N, D, P, offset;
   bool paired;
+  int64_t Np;  // N rounded up to whole vectors (of float, so of double too): scratch rows
 };
 
 Shape shape_of(const at::Tensor& q, int64_t offset, bool paired) {
-  const int64_t T = q.size(1);
-  return {q.size(0), T, q.size(2), q.size(3), q.size(4), paired ? T - offset : T, paired ? offset : 0, paired};
+  const int64_t T = q.size(1), N = q.size(3), W = Vectorized<float>::size();
+  return {q.size(0), T, q.size(2), N, q.size(4), paired ? T - offset : T, paired ? offset : 0, paired,
+          (N + W - 1) / W * W};
 }
 
 // Rows of frame t of one (b, h) in a (B, T, H, N, D) tensor with a unit last stride.
@@ -108,17 +137,20 @@ struct Frames {
   scalar_t* row(int64_t t, int64_t n) const { return data + t * frame_stride + n * row_stride; }
 };
 
-// Thread-local buffers of one parallel chunk, reused by all its tasks.
+// Thread-local buffers of one parallel chunk, reused by all its tasks; rows padded to Np, the
+// padding of keys_t and grad_row zero (no task writes it).
 template <typename scalar_t>
 struct Scratch {
-  std::vector<scalar_t> keys_t;  // (T, D, N): scale · K_tᵀ
-  std::vector<scalar_t> scores;  // (T, R, N): S_t of a row block
-  std::vector<scalar_t> grads;   // (T, R, N): scale · E_t of a row block (backward)
-  std::vector<scalar_t> z, x, dz;
+  std::vector<scalar_t> keys_t;   // (T, D, Np): scale · K_tᵀ
+  std::vector<scalar_t> scores;   // (T, R, Np): S_t of a row block
+  std::vector<scalar_t> colsums;  // (P, Np): the task's column sums (forward)
+  std::vector<scalar_t> grads;    // (T, R, Np): scale · E_t of a row block (backward)
+  std::vector<scalar_t> grad_row; // (Np): ∂L/∂out of one pair (backward)
+  std::vector<scalar_t> z, x, dz; // (Np) each
 
   Scratch(const Shape& s, int64_t R, bool backward)
-      : keys_t(s.T * s.D * s.N), scores(s.T * R * s.N), grads(backward ? s.T * R * s.N : 0), z(s.N), x(s.N),
-        dz(s.N) {}
+      : keys_t(s.T * s.D * s.Np), scores(s.T * R * s.Np), colsums(backward ? 0 : s.P * s.Np),
+        grads(backward ? s.T * R * s.Np : 0), grad_row(backward ? s.Np : 0), z(s.Np), x(s.Np), dz(s.Np) {}
 };
 
 // Y (rows × C, row stride y_stride) = A B, or += A B when accumulating; B is K × C with row
@@ -141,25 +173,25 @@ void gemm(scalar_t* Y, int64_t y_stride, const Operand<scalar_t>& A, const scala
   else at::mm_out(y, a, b);
 }
 
-// keys_t[t] = scale · K_tᵀ (D × N, dense) for every frame of the task.
+// keys_t[t] = scale · K_tᵀ (D × Np, the padded columns left zero) for every frame of the task.
 template <typename scalar_t>
 void scaled_keys_transposed(const Shape& s, const Frames<const scalar_t>& k, scalar_t scale, scalar_t* keys_t) {
   for (int64_t t = 0; t < s.T; ++t) {
-    scalar_t* kt = keys_t + t * s.D * s.N;
+    scalar_t* kt = keys_t + t * s.D * s.Np;
     for (int64_t n = 0; n < s.N; ++n) {
       const scalar_t* kn = k.row(t, n);
-      for (int64_t d = 0; d < s.D; ++d) kt[d * s.N + n] = scale * kn[d];
+      for (int64_t d = 0; d < s.D; ++d) kt[d * s.Np + n] = scale * kn[d];
     }
   }
 }
 
-// scores[t] = Q_t[r0 : r0 + rows] · keys_t[t] = S_t rows (rows × N) for every frame.
+// scores[t] = Q_t[r0 : r0 + rows] · keys_t[t] = S_t rows (rows × Np, zero padded) for every frame.
 template <typename scalar_t>
 void frame_scores(const Shape& s, const Frames<const scalar_t>& q, const scalar_t* keys_t, int64_t r0, int64_t rows,
                   scalar_t* scores) {
   for (int64_t t = 0; t < s.T; ++t) {
     const Operand<scalar_t> q_rows{q.row(t, r0), q.row_stride, 1};
-    gemm(scores + t * rows * s.N, s.N, q_rows, keys_t + t * s.D * s.N, s.N, rows, s.D, s.N, false);
+    gemm(scores + t * rows * s.Np, s.Np, q_rows, keys_t + t * s.D * s.Np, s.Np, rows, s.D, s.Np, false);
   }
 }
 
@@ -167,11 +199,13 @@ template <typename scalar_t>
 void forward_task(const Shape& s, int64_t b, int64_t h, const at::Tensor& q, const at::Tensor& k, scalar_t scale,
                   Scratch<scalar_t>& buf, scalar_t* out, float* stats) {
   using Vec = Vectorized<scalar_t>;
-  const int64_t N = s.N;
+  const int64_t N = s.N, Np = s.Np;
   scalar_t* z = buf.z.data();
   scalar_t* x = buf.x.data();
+  scalar_t* colsums = buf.colsums.data();
   const Frames<const scalar_t> qf(q, b, h);
   scaled_keys_transposed(s, Frames<const scalar_t>(k, b, h), scale, buf.keys_t.data());
+  std::fill(colsums, colsums + s.P * Np, scalar_t(0));
   const int64_t R = row_block(s.T, N);
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rows = std::min(R, N - r0);
@@ -179,20 +213,21 @@ void forward_task(const Shape& s, int64_t b, int64_t h, const at::Tensor& q, con
     frame_scores(s, qf, buf.keys_t.data(), r0, rows, buf.scores.data());
     for (int64_t p = 0; p < s.P; ++p) {
       const int64_t slice = ((b * s.P + p) * s.H + h) * N;
-      scalar_t* colsum = out + slice;
+      scalar_t* colsum = colsums + p * Np;
       for (int64_t i = 0; i < rows; ++i) {
-        const scalar_t* sa = scores + (p * rows + i) * N;
-        const scalar_t* sb = scores + ((p + s.offset) * rows + i) * N;
-        row_logits(sa, sb, s.paired, z, x, N);
-        const scalar_t m = row_max(x, N);
-        const scalar_t sum = exp_shifted_sum(x, m, N);
+        const scalar_t* sa = scores + (p * rows + i) * Np;
+        const scalar_t* sb = scores + ((p + s.offset) * rows + i) * Np;
+        row_logits(sa, sb, s.paired, z, x, N, Np);
+        const scalar_t m = row_max(x, Np);
+        const scalar_t sum = exp_shifted_sum(x, m, Np);
         const scalar_t inv = scalar_t(1) / sum;
-        at::vec::map2<scalar_t>([inv](Vec acc, Vec e) { return acc + e * Vec(inv); }, colsum, colsum, x, N);
+        at::vec::map2<scalar_t>([inv](Vec acc, Vec e) { return acc + e * Vec(inv); }, colsum, colsum, x, Np);
         stats[2 * (slice + r0 + i)] = static_cast<float>(m);
         stats[2 * (slice + r0 + i) + 1] = static_cast<float>(std::log2(sum));
       }
     }
   }
+  for (int64_t p = 0; p < s.P; ++p) std::copy_n(colsums + p * Np, N, out + ((b * s.P + p) * s.H + h) * N);
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_colsum_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -202,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_colsum_fwd_cpu(const at::Tensor& q_in
   const auto q = unit_last_stride(q_in);
   const auto k = unit_last_stride(k_in);
   const Shape s = shape_of(q, offset, paired);
-  auto out = at::zeros({s.B, s.P, s.H, s.N}, q.options());
+  auto out = at::empty({s.B, s.P, s.H, s.N}, q.options());
   auto stats = at::empty({s.B, s.P, s.H, s.N, 2}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "softmax_colsum_fwd_cpu", [&] {
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
@@ -222,10 +257,11 @@ template <typename scalar_t>
 void backward_task(const Shape& s, int64_t b, int64_t h, const scalar_t* grad, const at::Tensor& q,
                    const at::Tensor& k, scalar_t scale, Scratch<scalar_t>& buf, at::Tensor& dq, at::Tensor& dk) {
   using Vec = Vectorized<scalar_t>;
-  const int64_t N = s.N, D = s.D;
+  const int64_t N = s.N, Np = s.Np, D = s.D;
   scalar_t* z = buf.z.data();
   scalar_t* prob = buf.x.data();
   scalar_t* dz = buf.dz.data();
+  scalar_t* g = buf.grad_row.data();
   const Frames<const scalar_t> qf(q, b, h), kf(k, b, h);
   const Frames<scalar_t> dqf(dq, b, h), dkf(dk, b, h);
   scaled_keys_transposed(s, kf, scale, buf.keys_t.data());
@@ -235,39 +271,30 @@ void backward_task(const Shape& s, int64_t b, int64_t h, const scalar_t* grad, c
     const scalar_t* scores = buf.scores.data();
     scalar_t* grads = buf.grads.data();  // scale · E_t of every frame
     frame_scores(s, qf, buf.keys_t.data(), r0, rows, buf.scores.data());
-    std::fill(grads, grads + s.T * rows * N, scalar_t(0));
+    std::fill(grads, grads + s.T * rows * Np, scalar_t(0));
     for (int64_t p = 0; p < s.P; ++p) {
-      const scalar_t* g = grad + ((b * s.P + p) * s.H + h) * N;
+      std::copy_n(grad + ((b * s.P + p) * s.H + h) * N, N, g);
       for (int64_t i = 0; i < rows; ++i) {
-        const scalar_t* sa = scores + (p * rows + i) * N;
-        const scalar_t* sb = scores + ((p + s.offset) * rows + i) * N;
-        row_logits(sa, sb, s.paired, z, prob, N);
-        const scalar_t m = row_max(prob, N);
-        const scalar_t inv = scalar_t(1) / exp_shifted_sum(prob, m, N);
-        at::vec::map<scalar_t>([inv](Vec e) { return e * Vec(inv); }, prob, prob, N);
+        const scalar_t* sa = scores + (p * rows + i) * Np;
+        const scalar_t* sb = scores + ((p + s.offset) * rows + i) * Np;
+        row_logits(sa, sb, s.paired, z, prob, N, Np);
+        const scalar_t m = row_max(prob, Np);
+        const scalar_t inv = scalar_t(1) / exp_shifted_sum(prob, m, Np);
+        at::vec::map<scalar_t>([inv](Vec e) { return e * Vec(inv); }, prob, prob, Np);
         const scalar_t c = at::vec::map2_reduce_all<scalar_t>(
-            [](Vec pv, Vec gv) { return pv * gv; }, [](Vec a, Vec bv) { return a + bv; }, prob, g, N);
+            [](Vec pv, Vec gv) { return pv * gv; }, [](Vec a, Vec bv) { return a + bv; }, prob, g, Np);
         // dz = scale · P · (g − c), signed by z when paired.
         at::vec::map2<scalar_t>([c, scale](Vec pv, Vec gv) { return pv * (gv - Vec(c)) * Vec(scale); },
-                                dz, prob, g, N);
-        scalar_t* e_first = grads + (p * rows + i) * N;
-        scalar_t* e_second = grads + ((p + s.offset) * rows + i) * N;
-        if (s.paired) {
-          for (int64_t j = 0; j < N; ++j) {
-            const scalar_t v = z[j] > 0 ? dz[j] : (z[j] < 0 ? -dz[j] : scalar_t(0));
-            e_first[j] += v;
-            e_second[j] -= v;
-          }
-        } else {
-          at::vec::map2<scalar_t>([](Vec a, Vec d) { return a + d; }, e_first, e_first, dz, N);
-        }
+                                dz, prob, g, Np);
+        scatter_logit_grad(z, dz, s.paired, grads + (p * rows + i) * Np, grads + ((p + s.offset) * rows + i) * Np,
+                           Np);
       }
     }
     for (int64_t t = 0; t < s.T; ++t) {
-      const scalar_t* e = grads + t * rows * N;
+      const scalar_t* e = grads + t * rows * Np;
       // dQ_t[rows] = (scale · E_t) K_t;  dK_t += (scale · E_t)ᵀ Q_t[rows].
-      gemm(dqf.row(t, r0), D, dense(e, N), kf.row(t, 0), kf.row_stride, rows, N, D, false);
-      gemm(dkf.row(t, 0), D, transposed(e, N), qf.row(t, r0), qf.row_stride, N, rows, D, true);
+      gemm(dqf.row(t, r0), D, dense(e, Np), kf.row(t, 0), kf.row_stride, rows, N, D, false);
+      gemm(dkf.row(t, 0), D, transposed(e, Np), qf.row(t, r0), qf.row_stride, N, rows, D, true);
     }
   }
 }
