@@ -10,6 +10,10 @@ check speed, memory-model races or register limits: the tests with backend "cuda
 other files run the same kernels on a GPU where one exists. The parameters are filled as the
 CUDA glue fills them: the emulator compiles csrc/cuda/*_glue.h too, and only the validation
 and device lookups of the .cu files stay out (they are tested through the extension).
+
+The softmax-colsum kernels have two builds, and both run here: that of sm_80 and later
+(fp16/bf16 products on tensor cores), and that of older GPUs (on CUDA cores, as fp32 is on
+every GPU), which no GPU test covers where the lent GPUs are Hopper.
 """
 
 from __future__ import annotations
@@ -33,16 +37,22 @@ from test_linear_attention import GRID, SHAPES, grid_eps
 from amflow_kernels import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (build, dtype): the sm_80+ build in every dtype, and the pre-sm_80 build in the dtypes whose
+# path differs from it (fp32 runs the same code in both).
+COLSUM_BUILDS = [("sm80", d) for d in DTYPES] + [("pre_sm80", d) for d in (torch.float16, torch.bfloat16)]
+COLSUM_BUILD_IDS = [f"{build}-{str(d).removeprefix('torch.')}" for build, d in COLSUM_BUILDS]
 H100_SMS = 132  # the linear-attention glue sizes its chunks by the device's multiprocessors
 
 
 @pytest.fixture(scope="module")
 def emulated():
+    """cuda_emulator.load: the emulated kernels of the sm_80+ build, or with
+    ``cuda_cores_only=True`` of the pre-sm_80 build."""
     if torch.cuda.is_available():
         pytest.skip(reason="a GPU is present: the tests with backend 'cuda' run these kernels on it")
     if cuda_emulator.cuda_headers() is None:
         pytest.skip(reason="the CUDA emulator compiles against CUDA's cuda_fp16.h: set CUDA_HOME to a CUDA toolkit")
-    return cuda_emulator.load()
+    return cuda_emulator.load
 
 
 @pytest.fixture(autouse=True)
@@ -66,9 +76,10 @@ def _colsum_reference(q, k, offset, paired, scale):
     return reference.attention_colsum(q, k, scale=scale)
 
 
-def _colsum_emulated(emulated, q, k, grad, offset, paired, scale):
-    out, stats = emulated.softmax_colsum_fwd(q, k, offset, paired, scale)
-    dq, dk = emulated.softmax_colsum_bwd(grad, q, k, stats, offset, paired, scale)
+def _colsum_emulated(emulated, build, q, k, grad, offset, paired, scale):
+    kernels = emulated(cuda_cores_only=build == "pre_sm80")
+    out, stats = kernels.softmax_colsum_fwd(q, k, offset, paired, scale)
+    dq, dk = kernels.softmax_colsum_bwd(grad, q, k, stats, offset, paired, scale)
     return out, dq, dk
 
 
@@ -78,10 +89,10 @@ def _frames(layout, B, T, H, N, D, dtype):
     return [reference.as_frames(x.detach(), kw.get("num_frames")) for x in (q, k)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
 @pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
 @pytest.mark.parametrize("case", COLSUM_CASES, ids=_case_id)
-def test_softmax_colsum(emulated, case, paired, dtype):
+def test_softmax_colsum(emulated, case, paired, build, dtype):
     B, T, H, N, D, offset, layout = case
     q, k = _frames(layout, B, T, H, N, D, dtype)
     scale = D**-0.5
@@ -92,15 +103,15 @@ def test_softmax_colsum(emulated, case, paired, dtype):
     ql, kl = (x.clone().requires_grad_() for x in (q, k))
     ref_lowp = _colsum_reference(ql, kl, offset, paired, scale)
     ref_lowp.backward(grad)
-    out, dq, dk = _colsum_emulated(emulated, q, k, grad, offset, paired, scale)
+    out, dq, dk = _colsum_emulated(emulated, build, q, k, grad, offset, paired, scale)
     assert out.dtype == dtype and dq.shape == q.shape and dk.shape == k.shape
     assert_close("out", out, ref, ref_lowp)
     assert_close("dq", dq, q64.grad, ql.grad)
     assert_close("dk", dk, k64.grad, kl.grad)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
-def test_softmax_colsum_large_scores(emulated, dtype):
+@pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
+def test_softmax_colsum_large_scores(emulated, build, dtype):
     """|S| in the thousands: finite, and as accurate as PyTorch (see test_am_flow's twin)."""
     q, k = (20 * x for x in _frames("contiguous", 1, 3, 2, 40, 64, torch.float32))
     q, k = q.to(dtype), k.to(dtype)
@@ -115,7 +126,7 @@ def test_softmax_colsum_large_scores(emulated, dtype):
     scores = round_scores(scale * qr @ kr.transpose(-1, -2), dtype)
     ref_rounded = (scores[:, :-1] - scores[:, 1:]).abs().softmax(-1).sum(-2)
     ref_rounded.backward(grad)
-    out, dq, dk = _colsum_emulated(emulated, q, k, grad.to(dtype), 1, True, scale)
+    out, dq, dk = _colsum_emulated(emulated, build, q, k, grad.to(dtype), 1, True, scale)
     assert_as_accurate_as_pytorch("out", out, ref, lowp[0], ref_rounded)
     assert_as_accurate_as_pytorch("dq", dq, q64.grad, lowp[1], qr.grad)
     assert_as_accurate_as_pytorch("dk", dk, k64.grad, lowp[2], kr.grad)
@@ -130,8 +141,8 @@ def _check_linear_attention(emulated, q, k, v, eps, sms):
     ql, kl, vl = (x.clone().requires_grad_() for x in (q, k, v))
     ref_lowp = reference.linear_attention(ql, kl, vl, eps=eps)
     ref_lowp.backward(grad)
-    out, kv, z = emulated.linear_attention_fwd(q, k, v, eps, sms)
-    dq, dk, dv = emulated.linear_attention_bwd(grad, q, k, v, kv, z, eps, sms)
+    out, kv, z = emulated().linear_attention_fwd(q, k, v, eps, sms)
+    dq, dk, dv = emulated().linear_attention_bwd(grad, q, k, v, kv, z, eps, sms)
     phi_k = torch.nn.functional.elu(k64.detach()) + 1
     assert_close("kv", kv, phi_k.transpose(-1, -2) @ v64.detach())
     assert_close("z", z, phi_k.sum(-2))

@@ -36,28 +36,31 @@ def rewrite(source: str) -> str:
 
 
 @functools.cache
-def load():
-    """The emulated kernels as a module, built in torch's extension cache (per torch version)."""
+def load(cuda_cores_only: bool = False):
+    """The emulated kernels as a module, built in torch's extension cache (per torch version).
+    ``cuda_cores_only``: the build of GPUs older than sm_80, whose fp16/bf16 products run on
+    CUDA cores instead of tensor cores (AMFLOW_CUDA_CORES_ONLY)."""
     import torch
     from torch.utils.cpp_extension import load as load_extension
 
     headers = cuda_headers()
     if headers is None:
         raise RuntimeError("the CUDA emulator needs CUDA's headers (set CUDA_HOME to a toolkit)")
+    name = "amflow_cuda_emulator" + ("_cuda_cores" if cuda_cores_only else "")
     cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    build = cache / f"amflow_cuda_emulator-torch{torch.__version__}"
+    build = cache / f"{name}-torch{torch.__version__}"
     build.mkdir(parents=True, exist_ok=True)
     sources = {path.name: rewrite(path.read_text()) for path in (*CSRC_CUDA.glob("*.cuh"), *CSRC_CUDA.glob("*.h"))}
     sources["ops.cpp"] = (HERE / "ops.cpp").read_text()
-    for name, text in sources.items():  # rewritten only when changed: ninja rebuilds on mtimes
-        target = build / name
+    for file, text in sources.items():  # rewritten only when changed: ninja rebuilds on mtimes
+        target = build / file
         if not target.exists() or target.read_text() != text:
             target.write_text(text)
     return load_extension(
-        name="amflow_cuda_emulator",
+        name=name,
         sources=[str(build / "ops.cpp")],
         build_directory=str(build),
         extra_include_paths=[str(HERE / "include"), str(build), str(headers)],
-        extra_cflags=["-O2", "-Wno-unknown-pragmas"],
+        extra_cflags=["-O2", "-Wno-unknown-pragmas", *(["-DAMFLOW_CUDA_CORES_ONLY"] if cuda_cores_only else [])],
         verbose=False,
     )
