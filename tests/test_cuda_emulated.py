@@ -5,8 +5,9 @@ The emulator runs every CUDA thread of a block as a fiber that yields only at ba
 warp collectives, and emulates WMMA on fp32 arithmetic, so these tests check what a GPU-less
 machine can: the kernels' arithmetic and indexing, tile edges, strided reads, launch
 configurations, barrier placement (a divergent __syncthreads is an error, a missing one gives
-wrong sums) and the WMMA API's alignment rules, in every dtype the kernels take. They do not
-check speed, memory-model races or register limits: the tests with backend "cuda" in the
+wrong sums or results that change with the scheduling order) and the WMMA API's alignment
+rules, in every dtype the kernels take. They do not check speed, the memory model's weaker
+orderings or register limits: the tests with backend "cuda" in the
 other files run the same kernels on a GPU where one exists. The parameters are filled as the
 CUDA glue fills them: the emulator compiles csrc/cuda/*_glue.h too, and only the validation
 and device lookups of the .cu files stay out (they are tested through the extension).
@@ -172,3 +173,49 @@ def test_linear_attention_shapes(emulated, lead, nq, nk, d, dv, eps, sms):
     q, k, v = make_qkv("contiguous", lead, nq, nk, d, dv, torch.float32, "cpu")
     q, k, v = (x.reshape(-1, 1, *x.shape[-2:]) for x in (q, k, v))  # the kernels take (B, H, N, D)
     _check_linear_attention(emulated, q, k, v, eps, sms)
+
+
+def _in_both_schedules(kernels, run):
+    """``run()``'s tensors with the emulator's threads and blocks scheduled in ascending, then
+    in descending order."""
+    first = run()
+    kernels.set_reverse_schedule(True)
+    try:
+        second = run()
+    finally:
+        kernels.set_reverse_schedule(False)
+    return first, second
+
+
+# Races: between two barriers every pair of threads (and every pair of blocks) runs in one
+# order in the first schedule and in the other in the second, so a shared-memory race or two
+# blocks writing one output would make the results differ. Bitwise equality also holds the
+# kernels to their promise of results that do not depend on scheduling.
+@pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
+@pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
+@pytest.mark.parametrize("case", [(2, 3, 2, 65, 40, 1, "qkv"), (1, 3, 1, 33, 128, 2, "strided")], ids=_case_id)
+def test_softmax_colsum_race_free(emulated, case, paired, build, dtype):
+    B, T, H, N, D, offset, layout = case
+    q, k = _frames(layout, B, T, H, N, D, dtype)
+    grad = torch.randn(B, T - offset if paired else T, H, N, dtype=dtype)
+    kernels = emulated(cuda_cores_only=build == "pre_sm80")
+    first, second = _in_both_schedules(
+        kernels, lambda: _colsum_emulated(emulated, build, q, k, grad, offset, paired, D**-0.5)
+    )
+    for name, a, b in zip(("out", "dq", "dk"), first, second):
+        assert torch.equal(a, b), f"{name} depends on the order threads run between barriers: a race"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("sms", [H100_SMS, 1])
+def test_linear_attention_race_free(emulated, sms, dtype):
+    q, k, v = (x.detach() for x in make_qkv("projection", (2, 3), 70, 70, 40, 72, dtype, "cpu"))
+    grad = torch.randn(*q.shape[:-1], v.shape[-1], dtype=dtype)
+
+    def run():
+        out, kv, z = emulated().linear_attention_fwd(q, k, v, 1e-6, sms)
+        return (out, kv, z, *emulated().linear_attention_bwd(grad, q, k, v, kv, z, 1e-6, sms))
+
+    first, second = _in_both_schedules(emulated(), run)
+    for name, a, b in zip(("out", "kv", "z", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} depends on the order threads run between barriers: a race"

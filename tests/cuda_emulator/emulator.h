@@ -15,8 +15,14 @@
 //   which code that follows the API cannot observe; mma_sync forms the product in fp32 from
 //   the fp16/bf16 elements, as the tensor cores do (up to summation order).
 //
-// Not emulated: memory-model races between threads of a block (every thread sees every write
-// at once), timing, occupancy and register limits.
+// - Races are not seen where they happen (every thread sees every write at once), but by their
+//   effect: the scheduler runs a block's runnable threads, and a grid's blocks, in ascending or
+//   (reverse_schedule) descending order, so between two barriers every pair of threads runs in
+//   both orders across the two schedules. A read and a write, or two writes, of one address by
+//   two threads between the same barriers, or of one output by two blocks, make the two
+//   schedules' results differ.
+//
+// Not emulated: the memory model's weaker orderings, timing, occupancy and register limits.
 #pragma once
 
 #include <driver_types.h>
@@ -89,6 +95,12 @@ struct Block {
   std::string error;
 };
 
+// Whether threads and blocks run in descending order (see the header comment).
+inline bool& reverse_schedule() {
+  static bool reversed = false;
+  return reversed;
+}
+
 inline Block*& current_block() {
   static Block* block = nullptr;
   return block;
@@ -156,7 +168,8 @@ inline void run_block(Block& b, dim3 index) {
   current_block() = &b;
   for (;;) {
     bool ran = false, all_done = true;
-    for (unsigned t = 0; t < b.threads && b.error.empty(); ++t) {
+    for (unsigned i = 0; i < b.threads && b.error.empty(); ++i) {
+      const unsigned t = reverse_schedule() ? b.threads - 1 - i : i;
       if (b.fibers[t].state != FiberState::runnable) continue;
       b.current_thread = t;
       swapcontext(&b.scheduler, &b.fibers[t].context);
@@ -216,9 +229,11 @@ struct Launch {
     b.warps.resize(b.threads / kWarpSize);
     b.dynamic_shared.assign(shared_bytes, 0);
     b.body = [&] { std::apply(kernel, args); };
-    for (unsigned z = 0; z < grid.z; ++z)
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) run_block(b, dim3(x, y, z));
+    const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+    for (uint64_t i = 0; i < blocks; ++i) {
+      const uint64_t id = reverse_schedule() ? blocks - 1 - i : i;
+      run_block(b, dim3(id % grid.x, id / grid.x % grid.y, id / (uint64_t(grid.x) * grid.y)));
+    }
   }
 };
 

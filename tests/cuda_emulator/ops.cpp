@@ -1,6 +1,7 @@
 // The CUDA glue of csrc/cuda/*_glue.h (parameters, outputs, launches) and the kernels it
 // launches, compiled for the emulator and bound to CPU tensors. The linear-attention ops take
-// the multiprocessor count that the glue sizes its chunks by.
+// the multiprocessor count that the glue sizes its chunks by; set_reverse_schedule picks the
+// emulator's scheduling order (see emulator.h).
 #include <torch/extension.h>
 
 #include "linear_attention_glue.h"
@@ -39,4 +40,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_colsum_bwd", &colsum_bwd);
   m.def("linear_attention_fwd", &linear_fwd);
   m.def("linear_attention_bwd", &linear_bwd);
+  m.def("set_reverse_schedule", [](bool reversed) { ::emu::reverse_schedule() = reversed; });
 }
