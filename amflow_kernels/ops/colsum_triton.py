@@ -34,6 +34,7 @@ bitwise reproducible):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -47,11 +48,21 @@ MAX_HEAD_DIM = 256
 # (at most 64 KiB each) and two BLOCK_M × BLOCK_N fp32 score tiles in registers.
 RESIDENT_MAX_BLOCK_N = 512
 RESIDENT_MAX_KEY_TILE_BYTES = 64 * 1024
-# Blocked kernels: the dq/dk kernels hold three frames' q (or k) tiles and load three more
-# per step; max(BLOCK_M, BLOCK_N) · BLOCK_D is capped so that fits shared memory. They run
-# with the config tuned for the rowdot kernel (the same tiles, so the same recomputed
-# scores), outside the autotuner that would skip a config that does not fit.
-BLOCKED_MAX_TILE = 64 * 128
+# Blocked kernels. A dependent kernel (cols after stats, dq and dk after rowdot) runs with its
+# partner's tuned tiles, so both recompute bitwise-identical scores, outside the autotuner that
+# would skip a config that does not fit; so the partners' candidates are pruned to those whose
+# dependents fit the device's shared memory. The dq/dk kernels need the most: they hold three
+# frames' q (or k) tiles and stream three more. Bound, measured on Triton's sm_80 and sm_90
+# code for these kernels and checked by tests/test_triton_shared_memory.py: bytes per element
+# of the larger q/k tile, max(BLOCK_M, BLOCK_N) × BLOCK_D, by the inputs' element size.
+SHARED_BYTES_PER_TILE_ELEMENT = {2: 18, 4: 24}
+H100_SHARED_MEMORY = 227 * 1024  # what configs are pruned to under the interpreter
+
+
+def blocked_shared_memory_bound(block_m: int, block_n: int, block_d: int, itemsize: int) -> int:
+    """Bytes of shared memory that any blocked kernel needs at most for these tiles."""
+    return max(block_m, block_n) * block_d * SHARED_BYTES_PER_TILE_ELEMENT[itemsize]
+
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -69,10 +80,26 @@ def _configs(block_pairs, warps, stages):
     ]
 
 
-def _fit_head_dim(configs, named_args, **kwargs):
-    """Drop tiles whose q and k blocks would overflow shared memory at large head dims."""
+@functools.cache
+def _shared_memory_limit(device: torch.device) -> int:
+    """The device's shared memory per block (opt-in maximum); an H100's under the interpreter."""
+    if device.type != "cuda":
+        return H100_SHARED_MEMORY
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def _fit_shared_memory(configs, named_args, **kwargs):
+    """Drop tiles whose blocked kernels would overflow the device's shared memory; if none
+    fits, the smallest runs and Triton reports OutOfResources."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    return [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= BLOCKED_MAX_TILE]
+    q = named_args["Q"]
+    limit = _shared_memory_limit(q.device)
+    fits = [
+        c for c in configs
+        if blocked_shared_memory_bound(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, q.element_size()) <= limit
+    ]
+    return fits or configs[-1:]
 
 
 def _untimed(kernel_call, quantiles):
@@ -84,9 +111,9 @@ def _untimed(kernel_call, quantiles):
 def _blocked_autotune():
     """The autotune arguments shared by the blocked (any-N) kernels."""
     return dict(
-        configs=_configs([(64, 64), (128, 64), (64, 128), (32, 64), (32, 32)], [4, 8], [1, 2]),
+        configs=_configs([(64, 64), (128, 64), (64, 128), (32, 64), (32, 32), (16, 16)], [4, 8], [1, 2]),
         key=["N", "BLOCK_D", "PAIRED"],
-        prune_configs_by={"early_config_prune": _fit_head_dim},
+        prune_configs_by={"early_config_prune": _fit_shared_memory},
         do_bench=_untimed if _INTERPRET else None,
     )
 

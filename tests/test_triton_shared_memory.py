@@ -1,0 +1,95 @@
+"""Shared memory of the Triton kernels on GPUs, compiled ahead of time on this machine.
+
+A Triton launch that needs more shared memory than its GPU has fails with OutOfResources. The
+autotuner skips such configs, but the blocked colsum kernels that run with their partner's
+tuned tiles do not go through it (see ``colsum_triton.blocked_shared_memory_bound``, by which
+the partners' candidates are pruned). Triton compiles for any GPU without one
+(tests/triton_aot.py), so this checks on sm_80 code, whose shared memory needs are the larger
+(sm_90 code measured no more): the bound holds at the largest tiles the candidates reach, with
+one stage (more stages measured no more, the warp count made no difference); the resident
+forward's smallest candidates fit the smallest sm_80-class GPU (99 KiB per block on sm_86 and
+sm_89), and so does the bound of the smallest blocked tiles, so every head dim keeps a config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+from amflow_kernels.ops import colsum_triton
+
+SM86_SHARED_MEMORY = 99 * 1024
+ITEMSIZE = {"float32": 4, "bfloat16": 2}
+PRECISION = {"float32": "ieee", "bfloat16": "tf32"}
+
+# The dependents of the blocked kernels, at the largest tiles per head dim that an H100 admits.
+BOUND_CASES = [
+    dict(kernel=kernel, dtype=dtype, cc=80, num_warps=4, num_stages=1,
+         constexprs=dict(PAIRED=True, PRECISION=PRECISION[dtype], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd))
+    for kernel in ("colsum_bwd_dq_kernel", "colsum_bwd_dk_kernel")
+    for dtype in ITEMSIZE
+    for bm, bn, bd in ((128, 64, 64), (64, 128, 64), (64, 64, 128), (32, 32, 256))
+]
+# The resident forward's smallest config at the largest on-chip rows resident_fits allows.
+FIT_CASES = [
+    dict(kernel="colsum_fwd_resident_kernel", dtype=dtype, cc=80, num_warps=4, num_stages=1,
+         constexprs=dict(PAIRED=True, PRECISION=PRECISION[dtype], BLOCK_M=16, BLOCK_N=bn, BLOCK_D=bd))
+    for dtype, bn, bd in (("float32", 512, 32), ("float32", 256, 64), ("bfloat16", 512, 64), ("bfloat16", 128, 256))
+]
+
+
+def _case_id(case: dict) -> str:
+    c = case["constexprs"]
+    tiles = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D"))
+    return f"{case['kernel']}-{case['dtype']}-{tiles}-w{case['num_warps']}s{case['num_stages']}"
+
+
+@pytest.fixture(scope="module")
+def shared_memory():
+    """Bytes of shared memory per case id, from two compiler processes (the cases split
+    between them) without TRITON_INTERPRET."""
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip(reason="this Triton has no NVIDIA backend to compile for")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("triton_aot.py")
+    cases = BOUND_CASES + FIT_CASES
+    workers = [
+        subprocess.Popen([sys.executable, str(script), json.dumps(cases[i::2])], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    results = {}
+    for worker in workers:
+        out, err = worker.communicate()
+        assert worker.returncode == 0, f"ahead-of-time compilation failed:\n{err[-3000:]}"
+        for line in out.splitlines():
+            case = json.loads(line)
+            results[_case_id(case)] = case["shared"]
+    return results
+
+
+@pytest.mark.parametrize("case", BOUND_CASES, ids=_case_id)
+def test_blocked_bound_holds(shared_memory, case):
+    c = case["constexprs"]
+    bound = colsum_triton.blocked_shared_memory_bound(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], ITEMSIZE[case["dtype"]])
+    needed = shared_memory[_case_id(case)]
+    assert needed <= bound, f"needs {needed} bytes of shared memory, above the bound the configs are pruned by ({bound})"
+
+
+@pytest.mark.parametrize("case", FIT_CASES, ids=_case_id)
+def test_fits_sm86(shared_memory, case):
+    needed = shared_memory[_case_id(case)]
+    assert needed <= SM86_SHARED_MEMORY, f"needs {needed} bytes of shared memory; an sm_86 GPU has {SM86_SHARED_MEMORY}"
+
+
+@pytest.mark.parametrize("dtype", ITEMSIZE)
+def test_smallest_blocked_tiles_fit_sm86(dtype):
+    """Every head dim keeps at least the 16 × 16 tiles on an sm_86 GPU."""
+    bound = colsum_triton.blocked_shared_memory_bound(16, 16, colsum_triton.MAX_HEAD_DIM, ITEMSIZE[dtype])
+    assert bound <= SM86_SHARED_MEMORY
