@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CSRC_CUDA = HERE.parents[1] / "csrc" / "cuda"
+# a·b + c contracted into one fused multiply-add, as nvcc does by default (--fmad=true): the
+# kernels' fp32 sums then round as they do on a GPU (x86-64 needs -mfma for the instruction).
+FUSED_MULTIPLY_ADD = ["-ffp-contract=fast", *(["-mfma"] if platform.machine() in ("x86_64", "AMD64") else [])]
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(")
 DYNAMIC_SHARED = re.compile(r"extern __shared__ (\w+) (\w+)\[\];")
 
@@ -61,6 +65,7 @@ def load(cuda_cores_only: bool = False):
         sources=[str(build / "ops.cpp")],
         build_directory=str(build),
         extra_include_paths=[str(HERE / "include"), str(build), str(headers)],
-        extra_cflags=["-O2", "-Wno-unknown-pragmas", *(["-DAMFLOW_CUDA_CORES_ONLY"] if cuda_cores_only else [])],
+        extra_cflags=["-O2", "-Wno-unknown-pragmas", *FUSED_MULTIPLY_ADD,
+                      *(["-DAMFLOW_CUDA_CORES_ONLY"] if cuda_cores_only else [])],
         verbose=False,
     )
