@@ -77,8 +77,12 @@ def _colsum_reference(q, k, offset, paired, scale):
     return reference.attention_colsum(q, k, scale=scale)
 
 
+def _colsum_kernels(emulated, build):
+    return emulated(cuda_cores_only=build == "pre_sm80")
+
+
 def _colsum_emulated(emulated, build, q, k, grad, offset, paired, scale):
-    kernels = emulated(cuda_cores_only=build == "pre_sm80")
+    kernels = _colsum_kernels(emulated, build)
     out, stats = kernels.softmax_colsum_fwd(q, k, offset, paired, scale)
     dq, dk = kernels.softmax_colsum_bwd(grad, q, k, stats, offset, paired, scale)
     return out, dq, dk
@@ -198,9 +202,8 @@ def test_softmax_colsum_race_free(emulated, case, paired, build, dtype):
     B, T, H, N, D, offset, layout = case
     q, k = _frames(layout, B, T, H, N, D, dtype)
     grad = torch.randn(B, T - offset if paired else T, H, N, dtype=dtype)
-    kernels = emulated(cuda_cores_only=build == "pre_sm80")
     first, second = _in_both_schedules(
-        kernels, lambda: _colsum_emulated(emulated, build, q, k, grad, offset, paired, D**-0.5)
+        _colsum_kernels(emulated, build), lambda: _colsum_emulated(emulated, build, q, k, grad, offset, paired, D**-0.5)
     )
     for name, a, b in zip(("out", "dq", "dk"), first, second):
         assert torch.equal(a, b), f"{name} depends on the order threads run between barriers: a race"

@@ -125,6 +125,9 @@ Shape shape_of(const at::Tensor& q, int64_t offset, bool paired) {
           (N + W - 1) / W * W};
 }
 
+// Offset of the N outputs (or output gradients) of clip b, pair p, head h in (B, P, H, N).
+int64_t output_slice(const Shape& s, int64_t b, int64_t p, int64_t h) { return ((b * s.P + p) * s.H + h) * s.N; }
+
 // Rows of frame t of one (b, h) in a (B, T, H, N, D) tensor with a unit last stride.
 template <typename scalar_t>
 struct Frames {
@@ -212,7 +215,7 @@ void forward_task(const Shape& s, int64_t b, int64_t h, const at::Tensor& q, con
     const scalar_t* scores = buf.scores.data();
     frame_scores(s, qf, buf.keys_t.data(), r0, rows, buf.scores.data());
     for (int64_t p = 0; p < s.P; ++p) {
-      const int64_t slice = ((b * s.P + p) * s.H + h) * N;
+      const int64_t slice = output_slice(s, b, p, h);
       scalar_t* colsum = colsums + p * Np;
       for (int64_t i = 0; i < rows; ++i) {
         const scalar_t* sa = scores + (p * rows + i) * Np;
@@ -227,7 +230,7 @@ void forward_task(const Shape& s, int64_t b, int64_t h, const at::Tensor& q, con
       }
     }
   }
-  for (int64_t p = 0; p < s.P; ++p) std::copy_n(colsums + p * Np, N, out + ((b * s.P + p) * s.H + h) * N);
+  for (int64_t p = 0; p < s.P; ++p) std::copy_n(colsums + p * Np, N, out + output_slice(s, b, p, h));
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_colsum_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -273,7 +276,7 @@ void backward_task(const Shape& s, int64_t b, int64_t h, const scalar_t* grad, c
     frame_scores(s, qf, buf.keys_t.data(), r0, rows, buf.scores.data());
     std::fill(grads, grads + s.T * rows * Np, scalar_t(0));
     for (int64_t p = 0; p < s.P; ++p) {
-      std::copy_n(grad + ((b * s.P + p) * s.H + h) * N, N, g);
+      std::copy_n(grad + output_slice(s, b, p, h), N, g);
       for (int64_t i = 0; i < rows; ++i) {
         const scalar_t* sa = scores + (p * rows + i) * Np;
         const scalar_t* sb = scores + ((p + s.offset) * rows + i) * Np;
