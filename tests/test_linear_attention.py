@@ -11,6 +11,7 @@ from helpers import BACKEND_TARGETS, as_float64_leaves, assert_close, make_qkv, 
 import amflow_kernels
 from amflow_kernels import reference
 from amflow_kernels.ops import linear_attention as la_module
+from amflow_kernels.ops import linear_attention_triton
 
 TOKENS = (1, 3, 17, 64, 197, 1370)
 HEAD_DIMS = (8, 12, 32, 64)
@@ -111,6 +112,19 @@ def test_fp16_long_sequence_large_activations(target, monkeypatch):
     with torch.no_grad():
         assert not torch.isfinite(reference.linear_attention(q, k, v)).all(), "the fp16 reference no longer overflows"
     check_against_reference(q, k, v, target.backend, with_lowp=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("target", target_params(targets=[t for t in BACKEND_TARGETS if t.backend == "triton"]))
+def test_triton_smallest_tiles(target, dtype, monkeypatch):
+    """What a GPU with 99 KiB of shared memory per block (sm_86, sm_89) runs at D = Dv = 128:
+    the smallest launch candidate (16-token tiles, one stage)."""
+    device = target.activate(monkeypatch)
+    monkeypatch.setattr(linear_attention_triton, "shared_memory_limit", lambda device: 99 * 1024)
+    q, k, v = make_qkv("projection", (1, 2), 70, 70, 128, 128, dtype, device)
+    launch = linear_attention_triton._Launch(q, v)
+    assert (launch.block_n, launch.num_warps, launch.num_stages) == linear_attention_triton.launch_candidates(128, 128)[-1]
+    check_against_reference(q, k, v, "triton")
 
 
 def test_deterministic(backend_target):

@@ -1,14 +1,20 @@
 """Shared memory of the Triton kernels on GPUs, compiled ahead of time on this machine.
 
-A Triton launch that needs more shared memory than its GPU has fails with OutOfResources. The
-autotuner skips such configs, but the blocked colsum kernels that run with their partner's
-tuned tiles do not go through it (see ``colsum_triton.blocked_shared_memory_bound``, by which
-the partners' candidates are pruned). Triton compiles for any GPU without one
-(tests/triton_aot.py), so this checks on sm_80 code, whose shared memory needs are the larger
-(sm_90 code measured no more): the bound holds at the largest tiles the candidates reach, with
-one stage (more stages measured no more, the warp count made no difference); the resident
-forward's smallest candidates fit the smallest sm_80-class GPU (99 KiB per block on sm_86 and
-sm_89), and so does the bound of the smallest blocked tiles, so every head dim keeps a config.
+A Triton launch that needs more shared memory than its GPU has fails with OutOfResources.
+Triton compiles for any GPU without one (tests/triton_aot.py), so this checks, on sm_80 code,
+whose shared memory needs are the larger (sm_90 code measured no more at these configs), the
+bounds by which configs are chosen for the device:
+
+- colsum: the autotuner skips configs that do not fit, but the blocked kernels that run with
+  their partner's tuned tiles do not go through it (see
+  ``colsum_triton.blocked_shared_memory_bound``, by which the partners' candidates are pruned).
+  The bound holds at the largest tiles the candidates reach, with one stage (more stages
+  measured no more, the warp count made no difference); the resident forward's smallest
+  candidates fit the smallest sm_80-class GPU (99 KiB per block on sm_86 and sm_89), and so
+  does the bound of the smallest blocked tiles, so every head dim keeps a config.
+- linear attention: no autotuner; ``linear_attention_triton.shared_memory_bound`` picks the
+  first of ``launch_candidates`` that fits. The bound holds for all four kernels at every
+  candidate, and every head dim has a candidate within 99 KiB.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 import pytest
 import triton
 
-from amflow_kernels.ops import colsum_triton
+from amflow_kernels.ops import colsum_triton, linear_attention_triton
 
 SM86_SHARED_MEMORY = 99 * 1024
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
@@ -43,10 +49,33 @@ FIT_CASES = [
     for dtype, bn, bd in (("float32", 512, 32), ("float32", 256, 64), ("bfloat16", 512, 64), ("bfloat16", 128, 256))
 ]
 
+LINEAR_KERNELS = ("state", "out", "bwd_q", "bwd_kv")
+LINEAR_HEAD_DIMS = ((128, 128), (64, 64))
+
+
+def _linear_candidates(dtype: str, bd: int, bdv: int) -> list[tuple[int, int, int]]:
+    """Every launch candidate in fp32; the first and the last in bf16, whose loads, converted
+    to fp32, Triton does not pipeline (their needs measured the same at every stage count)."""
+    candidates = linear_attention_triton.launch_candidates(bd, bdv)
+    return candidates if dtype == "float32" else [candidates[0], candidates[-1]]
+
+
+# Every linear-attention kernel at the launch candidates of the largest and the common head
+# dims (asymmetric ones, (128, 32) and (32, 128), measured within the bound too).
+LINEAR_CASES = [
+    dict(kernel=f"linear_attention_{kernel}_kernel", dtype=dtype, cc=80, num_warps=warps, num_stages=stages,
+         constexprs=dict(PRECISION=PRECISION[dtype], BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv,
+                         **({"STORE_STATE": True} if kernel == "out" else {})))
+    for kernel in LINEAR_KERNELS
+    for dtype in ITEMSIZE
+    for bd, bdv in LINEAR_HEAD_DIMS
+    for block_n, warps, stages in _linear_candidates(dtype, bd, bdv)
+]
 
 def _case_id(case: dict) -> str:
     c = case["constexprs"]
-    tiles = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D"))
+    names = ("BLOCK_N", "BLOCK_D", "BLOCK_DV") if "BLOCK_DV" in c else ("BLOCK_M", "BLOCK_N", "BLOCK_D")
+    tiles = "x".join(str(c[k]) for k in names)
     return f"{case['kernel']}-{case['dtype']}-{tiles}-w{case['num_warps']}s{case['num_stages']}"
 
 
@@ -58,7 +87,7 @@ def shared_memory():
         pytest.skip(reason="this Triton has no NVIDIA backend to compile for")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("triton_aot.py")
-    cases = BOUND_CASES + FIT_CASES
+    cases = BOUND_CASES + FIT_CASES + LINEAR_CASES
     workers = [
         subprocess.Popen([sys.executable, str(script), json.dumps(cases[i::2])], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -92,4 +121,20 @@ def test_fits_sm86(shared_memory, case):
 def test_smallest_blocked_tiles_fit_sm86(dtype):
     """Every head dim keeps at least the 16 × 16 tiles on an sm_86 GPU."""
     bound = colsum_triton.blocked_shared_memory_bound(16, 16, colsum_triton.MAX_HEAD_DIM, ITEMSIZE[dtype])
+    assert bound <= SM86_SHARED_MEMORY
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=_case_id)
+def test_linear_attention_bound_holds(shared_memory, case):
+    c = case["constexprs"]
+    bound = linear_attention_triton.shared_memory_bound(c["BLOCK_N"], c["BLOCK_D"], c["BLOCK_DV"], case["num_stages"])
+    needed = shared_memory[_case_id(case)]
+    assert needed <= bound, f"needs {needed} bytes of shared memory, above the bound configs are chosen by ({bound})"
+
+
+@pytest.mark.parametrize("block_d", [16, 32, 64, 128])
+@pytest.mark.parametrize("block_dv", [16, 32, 64, 128])
+def test_linear_attention_candidate_fits_sm86(block_d, block_dv):
+    smallest = linear_attention_triton.launch_candidates(block_d, block_dv)[-1]
+    bound = linear_attention_triton.shared_memory_bound(smallest[0], block_d, block_dv, smallest[2])
     assert bound <= SM86_SHARED_MEMORY

@@ -34,13 +34,13 @@ bitwise reproducible):
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .triton_device import INTERPRET, shared_memory_limit
 
 LOG2E = tl.constexpr(math.log2(math.e))
 MAX_HEAD_DIM = 256
@@ -56,7 +56,6 @@ RESIDENT_MAX_KEY_TILE_BYTES = 64 * 1024
 # code for these kernels and checked by tests/test_triton_shared_memory.py: bytes per element
 # of the larger q/k tile, max(BLOCK_M, BLOCK_N) × BLOCK_D, by the inputs' element size.
 SHARED_BYTES_PER_TILE_ELEMENT = {2: 18, 4: 24}
-H100_SHARED_MEMORY = 227 * 1024  # what configs are pruned to under the interpreter
 
 
 def blocked_shared_memory_bound(block_m: int, block_n: int, block_d: int, itemsize: int) -> int:
@@ -64,13 +63,10 @@ def blocked_shared_memory_bound(block_m: int, block_n: int, block_d: int, itemsi
     return max(block_m, block_n) * block_d * SHARED_BYTES_PER_TILE_ELEMENT[itemsize]
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _configs(block_pairs, warps, stages):
     """Autotune candidates, largest tiles first and smallest last. Under the interpreter,
     where timing means nothing, only the first and the last (for large head dims)."""
-    if _INTERPRET:
+    if INTERPRET:
         block_pairs, warps, stages = [block_pairs[0], block_pairs[-1]], warps[:1], stages[:1]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -80,21 +76,12 @@ def _configs(block_pairs, warps, stages):
     ]
 
 
-@functools.cache
-def _shared_memory_limit(device: torch.device) -> int:
-    """The device's shared memory per block (opt-in maximum); an H100's under the interpreter."""
-    if device.type != "cuda":
-        return H100_SHARED_MEMORY
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-
-
 def _fit_shared_memory(configs, named_args, **kwargs):
     """Drop tiles whose blocked kernels would overflow the device's shared memory; if none
     fits, the smallest runs and Triton reports OutOfResources."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     q = named_args["Q"]
-    limit = _shared_memory_limit(q.device)
+    limit = shared_memory_limit(q.device)
     fits = [
         c for c in configs
         if blocked_shared_memory_bound(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, q.element_size()) <= limit
@@ -114,15 +101,15 @@ def _blocked_autotune():
         configs=_configs([(64, 64), (128, 64), (64, 128), (32, 64), (32, 32), (16, 16)], [4, 8], [1, 2]),
         key=["N", "BLOCK_D", "PAIRED"],
         prune_configs_by={"early_config_prune": _fit_shared_memory},
-        do_bench=_untimed if _INTERPRET else None,
+        do_bench=_untimed if INTERPRET else None,
     )
 
 
 def _resident_configs():
     return [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
-        for bm in ((16,) if _INTERPRET else (16, 32, 64))
-        for w in ((4,) if _INTERPRET else (4, 8))
+        for bm in ((16,) if INTERPRET else (16, 32, 64))
+        for w in ((4,) if INTERPRET else (4, 8))
     ]
 
 

@@ -5,14 +5,15 @@ For one (batch, head), with φ(x) = elu(x) + 1 formed on chip from the loaded ti
     KV = Σ_j φ(k_j) v_jᵀ   (D × Dv),      z = Σ_j φ(k_j)   (D),
     out_i = a_i / den_i,    a_i = KVᵀ φ(q_i),    den_i = φ(q_i) · z + eps.
 
-Backward, with g_i = ∂L/∂out_i, u_i = g_i / den_i and w_i = −(g_i · out_i) / den_i:
+Backward, with g_i = ∂L/∂out_i, u_i = g_i / den_i, t_i = KV g_i and
+w_i = −(g_i · out_i) / den_i = −(φ(q_i) · t_i) / den_i²:
 
-    ∂φ(q_i) = KV u_i + w_i z,      dKV = Σ_i φ(q_i) u_iᵀ,      dz = Σ_i w_i φ(q_i),
-    ∂φ(k_j) = dKV v_j + dz,        dv_j = dKVᵀ φ(k_j),
+    ∂φ(q_i) = t_i / den_i + w_i z,   dKV = Σ_i φ(q_i) u_iᵀ,      dz = Σ_i w_i φ(q_i),
+    ∂φ(k_j) = dKV v_j + dz,          dv_j = dKVᵀ φ(k_j),
     dq = ∂φ(q) ⊙ φ'(q),   dk = ∂φ(k) ⊙ φ'(k),   φ'(x) = 1 if x > 0 else eˣ.
 
-out_i is recomputed in the backward from the saved KV and z (a GEMM on chip is cheaper than
-reading a saved output), so the op keeps only KV and z: O(B·H·D·Dv) fp32.
+out_i is never formed in the backward: w_i comes from t_i, so a query tile meets the state in
+one product, not two, and the op keeps only KV and z: O(B·H·D·Dv) fp32.
 
 Every kernel runs on a grid (B·H, chunks): a program walks the BLOCK_N-token blocks of one
 contiguous chunk of tokens, so short sequences of many heads and long sequences of few
@@ -33,7 +34,24 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_device import shared_memory_limit
+
 MAX_HEAD_DIM = 128  # D and Dv: the D × Dv fp32 state lives in registers
+
+
+def shared_memory_bound(block_n: int, block_d: int, block_dv: int, num_stages: int) -> int:
+    """Bytes of shared memory that any of the kernels needs at most per program: the D × Dv fp32
+    state as a dot operand, and at most 1 + 2·num_stages token tiles of BLOCK_N × max(D, Dv),
+    staged in fp32 (loads are pipelined num_stages deep). Measured on Triton's sm_80 code (sm_90's
+    needs no more at the candidate configs) and checked by tests/test_triton_shared_memory.py."""
+    return 4 * (block_d * block_dv + (1 + 2 * num_stages) * block_n * max(block_d, block_dv))
+
+
+def launch_candidates(block_d: int, block_dv: int) -> list[tuple[int, int, int]]:
+    """(BLOCK_N, num_warps, num_stages) by preference: Hopper's choice first, then fewer stages,
+    then the smallest tiles, which fit a 99 KiB sm_86/sm_89 GPU at D = Dv = 128."""
+    block_n, warps = (32, 8) if block_d * block_dv > 64 * 64 else (64, 4)
+    return [(block_n, warps, stages) for stages in (3, 2, 1)] + [(16, 4, 1)]
 
 
 @triton.jit
@@ -177,10 +195,10 @@ def linear_attention_bwd_q_kernel(
         phi_q = tl.where(row_mask[:, None] & d_mask[None, :], _phi(q), 0.0)
         g = _load_tile(grad_base, rows, row_mask, DV, vdims, e_mask, 1)
         den = tl.where(row_mask, tl.sum(phi_q * z[None, :], axis=1) + eps, 1.0)
-        out = tl.dot(phi_q, kv, input_precision=PRECISION) / den[:, None]
+        kv_g = tl.dot(g, tl.trans(kv), input_precision=PRECISION)
         u = g / den[:, None]
-        w = -tl.sum(g * out, axis=1) / den
-        dphi_q = tl.dot(u, tl.trans(kv), input_precision=PRECISION) + w[:, None] * z[None, :]
+        w = -(tl.sum(phi_q * kv_g, axis=1) / den) / den
+        dphi_q = kv_g / den[:, None] + w[:, None] * z[None, :]
         dq = dphi_q * _phi_grad(q)
         ptrs = dq_base + rows.to(tl.int64)[:, None] * D + dims[None, :]
         tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
@@ -244,9 +262,12 @@ class _Launch:
         self.heads = b * h
         self.block_d = max(16, triton.next_power_of_2(d))
         self.block_dv = max(16, triton.next_power_of_2(dv))
-        big_state = self.block_d * self.block_dv > 64 * 64
-        self.block_n = 32 if big_state else 64
-        self.num_warps = 8 if big_state else 4
+        # The first candidate that fits the device; if none does, the smallest runs and Triton
+        # reports OutOfResources.
+        candidates = launch_candidates(self.block_d, self.block_dv)
+        limit = shared_memory_limit(q.device)
+        fits = [c for c in candidates if shared_memory_bound(c[0], self.block_d, self.block_dv, c[2]) <= limit]
+        self.block_n, self.num_warps, self.num_stages = (fits or candidates[-1:])[0]
         # fp32 inputs get true fp32 products; half inputs go through TF32 (fp32 range, a
         # mantissa as long as fp16's) so the fp32 state is never rounded to 16 bits.
         self.precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -266,7 +287,7 @@ class _Launch:
     def meta(self) -> dict:
         return dict(
             PRECISION=self.precision, BLOCK_N=self.block_n, BLOCK_D=self.block_d,
-            BLOCK_DV=self.block_dv, num_warps=self.num_warps,
+            BLOCK_DV=self.block_dv, num_warps=self.num_warps, num_stages=self.num_stages,
         )
 
 

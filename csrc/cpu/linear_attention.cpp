@@ -9,9 +9,10 @@
 // thread count.
 //
 // Forward:   KV = Σ_j φ(k_j) v_jᵀ,  z = Σ_j φ(k_j),  out_i = φ(q_i)ᵀ KV / (φ(q_i)·z + eps).
-// Backward, with g_i = ∂L/∂out_i, den_i = φ(q_i)·z + eps, u_i = g_i / den_i, w_i = −(g_i·out_i)/den_i:
-//   dq_i = (KV u_i + w_i z) ⊙ φ'(q_i),   dKV = Σ_i φ(q_i) u_iᵀ,   dz = Σ_i w_i φ(q_i),
-//   dk_j = (dKV v_j + dz) ⊙ φ'(k_j),     dv_j = dKVᵀ φ(k_j).
+// Backward, with g_i = ∂L/∂out_i, den_i = φ(q_i)·z + eps, u_i = g_i / den_i and t_i = KV g_i,
+// w_i = −(g_i·out_i)/den_i = −(φ(q_i)·t_i)/den_i² (out_i is never formed: one GEMM with KV, not two):
+//   dq_i = (t_i / den_i + w_i z) ⊙ φ'(q_i),   dKV = Σ_i φ(q_i) u_iᵀ,   dz = Σ_i w_i φ(q_i),
+//   dk_j = (dKV v_j + dz) ⊙ φ'(k_j),          dv_j = dKVᵀ φ(k_j).
 
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/functional.h>
@@ -89,11 +90,11 @@ struct Shape {
 // Thread-local buffers of one parallel chunk, reused by all its heads.
 template <typename scalar_t>
 struct Scratch {
-  std::vector<scalar_t> phi, dphi, rows, y, w, kv_t, dkv, dkv_t, dz;
+  std::vector<scalar_t> phi, dphi, rows, kv_t, dkv, dkv_t, dz;
 
   Scratch(const Shape& s)
-      : phi(kTokenBlock * s.D), dphi(kTokenBlock * s.D), rows(kTokenBlock * s.Dv), y(kTokenBlock * s.Dv),
-        w(kTokenBlock), kv_t(s.D * s.Dv), dkv(s.D * s.Dv), dkv_t(s.D * s.Dv), dz(s.D) {}
+      : phi(kTokenBlock * s.D), dphi(kTokenBlock * s.D), rows(kTokenBlock * s.Dv), kv_t(s.D * s.Dv),
+        dkv(s.D * s.Dv), dkv_t(s.D * s.Dv), dz(s.D) {}
 };
 
 // out = Mᵀ for the D × C matrix M.
@@ -134,8 +135,8 @@ void backward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar
                    const HeadRows<scalar_t>& q, const HeadRows<scalar_t>& k, const HeadRows<scalar_t>& v,
                    const scalar_t* kv, const scalar_t* z, double eps, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   const int64_t D = s.D, Dv = s.Dv;
-  scalar_t *phi = buf.phi.data(), *dphi = buf.dphi.data(), *u = buf.rows.data(), *y = buf.y.data();
-  scalar_t *w = buf.w.data(), *dkv = buf.dkv.data(), *dz = buf.dz.data();
+  scalar_t *phi = buf.phi.data(), *dphi = buf.dphi.data(), *u = buf.rows.data();
+  scalar_t *dkv = buf.dkv.data(), *dz = buf.dz.data();
   std::fill(dkv, dkv + D * Dv, scalar_t(0));
   std::fill(dz, dz + D, scalar_t(0));
   transpose(buf.kv_t.data(), kv, D, Dv);
@@ -143,17 +144,19 @@ void backward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar
     const int64_t rows = std::min(kTokenBlock, s.Nq - r0);
     load_features(phi, dphi, q, r0, rows, D);
     load_rows(u, grad, r0, rows, Dv);
-    small_gemm(y, Dv, dense(phi, D), kv, Dv, rows, D, Dv, false);  // y_i = φ(q_i)ᵀ KV = den_i · out_i
-    for (int64_t t = 0; t < rows; ++t) {
-      const scalar_t den = dot(phi + t * D, z, D) + static_cast<scalar_t>(eps);
-      for (int64_t c = 0; c < Dv; ++c) u[t * Dv + c] /= den;
-      w[t] = -dot(u + t * Dv, y + t * Dv, Dv) / den;
-      for (int64_t d = 0; d < D; ++d) dz[d] += w[t] * phi[t * D + d];
-    }
     scalar_t* dq_rows = dq + r0 * D;
-    small_gemm(dq_rows, D, dense(u, Dv), buf.kv_t.data(), D, rows, Dv, D, false);  // KV u_i
-    for (int64_t t = 0; t < rows; ++t)
-      for (int64_t d = 0; d < D; ++d) dq_rows[t * D + d] = (dq_rows[t * D + d] + w[t] * z[d]) * dphi[t * D + d];
+    small_gemm(dq_rows, D, dense(u, Dv), buf.kv_t.data(), D, rows, Dv, D, false);  // KV g_i
+    for (int64_t t = 0; t < rows; ++t) {
+      const scalar_t* phi_t = phi + t * D;
+      scalar_t* dq_t = dq_rows + t * D;
+      const scalar_t den = dot(phi_t, z, D) + static_cast<scalar_t>(eps);
+      const scalar_t w = -(dot(phi_t, dq_t, D) / den) / den;
+      for (int64_t d = 0; d < D; ++d) {
+        dq_t[d] = (dq_t[d] / den + w * z[d]) * dphi[t * D + d];
+        dz[d] += w * phi_t[d];
+      }
+      for (int64_t c = 0; c < Dv; ++c) u[t * Dv + c] /= den;
+    }
     small_gemm(dkv, Dv, transposed(phi, D), u, Dv, D, rows, Dv, true);  // dKV += φ(Q)ᵀ U
   }
   transpose(buf.dkv_t.data(), dkv, D, Dv);

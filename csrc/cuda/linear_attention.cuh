@@ -2,17 +2,21 @@
 //
 // For one (batch, head), with φ(x) = elu(x) + 1 formed as tiles are loaded:
 //   KV = Σ_j φ(k_j) v_jᵀ (D × Dv),  z = Σ_j φ(k_j),  out_i = KVᵀ φ(q_i) / (φ(q_i)·z + eps).
-// Backward, with g_i = ∂L/∂out_i, den_i = φ(q_i)·z + eps, u_i = g_i/den_i, w_i = −(g_i·out_i)/den_i:
-//   dq_i = (KV u_i + w_i z) ⊙ φ'(q_i),  dKV = Σ_i φ(q_i) u_iᵀ,  dz = Σ_i w_i φ(q_i),
-//   dk_j = (dKV v_j + dz) ⊙ φ'(k_j),    dv_j = dKVᵀ φ(k_j).
+// Backward, with g_i = ∂L/∂out_i, den_i = φ(q_i)·z + eps, u_i = g_i/den_i and t_i = KV g_i,
+// w_i = −(g_i·out_i)/den_i = −(φ(q_i)·t_i)/den_i² (out_i is not formed: one product with KV):
+//   dq_i = (t_i/den_i + w_i z) ⊙ φ'(q_i),  dKV = Σ_i φ(q_i) u_iᵀ,  dz = Σ_i w_i φ(q_i),
+//   dk_j = (dKV v_j + dz) ⊙ φ'(k_j),       dv_j = dKVᵀ φ(k_j).
+// φ'(x) is read off φ(x), so no tile of it is kept: 1 where x > 0 (φ = x + 1 ≥ 1), φ(x) = eˣ ≤ 1
+// elsewhere.
 //
 // The algorithm is that of the Triton kernels (amflow_kernels/ops/linear_attention_triton.py):
 // every kernel runs on a grid (B·H, chunks) and a block walks the 32-token tiles of one chunk;
 // state sums are fp32 partials per chunk, reduced in chunk order by the next kernel, so no
 // atomics are used and results are bitwise reproducible. Blocks have 256 threads. A D × Dv
 // accumulator is spread over them as a 16 × 16 grid (thread (r, c) owns rows r + 16a and
-// columns c + 16b); a per-token product uses 8 threads per token row (columns lane + 8i).
-// Tiles and the state live in shared memory, in fp32.
+// columns c + 16b); a per-token product uses 8 threads per token row (lane owning entries lane + 8i).
+// Tiles and the state live in shared memory, in fp32: at D = Dv = 128, 97.4 KiB in the backward,
+// within the 99 KiB per block of sm_86/sm_89 GPUs.
 
 #pragma once
 
@@ -52,27 +56,26 @@ struct Params {
 };
 
 __device__ __forceinline__ float phi(float x) { return x > 0.f ? x + 1.f : __expf(x); }
-__device__ __forceinline__ float phi_grad(float x) { return x > 0.f ? 1.f : __expf(x); }
+// φ'(x) from φ(x); NaN stays NaN (the comparison is false).
+__device__ __forceinline__ float phi_slope(float phi_x) { return phi_x > 1.f ? 1.f : phi_x; }
 
 // Shared-memory row pitch of a tile with `cols` columns (odd: no bank conflicts on columns).
 __host__ __device__ constexpr int pitch(int cols) { return cols + 1; }
 
-// tile[t][c] = x[n0 + t][c] (φ(x) if kPhi, and dphi[t][c] = φ'(x) if given) in fp32, zeros past
-// N and C. `base` is one (N, C) slice read through its row and column strides.
+// tile[t][c] = x[n0 + t][c] (φ(x) if kPhi) in fp32, zeros past N and C. `base` is one (N, C)
+// slice read through its row and column strides.
 template <typename T, bool kPhi>
 __device__ void load_tile(const T* base, int64_t stride_n, int64_t stride_c, int64_t n0, int64_t N, int C,
-                          float* tile, float* dphi) {
+                          float* tile) {
   for (int idx = threadIdx.x; idx < kTokens * C; idx += kThreads) {
     const int t = idx / C, c = idx % C;
     const int64_t n = n0 + t;
-    float value = 0.f, slope = 0.f;
+    float value = 0.f;
     if (n < N) {
       const float x = to_float(base[n * stride_n + c * stride_c]);
       value = kPhi ? phi(x) : x;
-      slope = phi_grad(x);
     }
     tile[t * pitch(C) + c] = value;
-    if (dphi != nullptr) dphi[t * pitch(C) + c] = slope;
   }
 }
 
@@ -164,8 +167,8 @@ __global__ void __launch_bounds__(kThreads) linear_attention_state_kernel(Params
   state.zero();
   const ChunkRange range = chunk_range(p, p.Nk);
   for (int64_t n0 = range.n0; n0 < range.n1; n0 += kTokens) {
-    load_tile<T, true>(k, p.k_stride[2], p.k_stride[3], n0, range.n1, D, k_tile, nullptr);
-    load_tile<T, false>(v, p.v_stride[2], p.v_stride[3], n0, range.n1, Dv, v_tile, nullptr);
+    load_tile<T, true>(k, p.k_stride[2], p.k_stride[3], n0, range.n1, D, k_tile);
+    load_tile<T, false>(v, p.v_stride[2], p.v_stride[3], n0, range.n1, Dv, v_tile);
     __syncthreads();
     state.accumulate(k_tile, D, v_tile, Dv, nullptr);
     __syncthreads();
@@ -195,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) linear_attention_out_kernel(Params p
   const int t = threadIdx.x / 8, lane = threadIdx.x % 8;
   const ChunkRange range = chunk_range(p, p.Nq);
   for (int64_t n0 = range.n0; n0 < range.n1; n0 += kTokens) {
-    load_tile<T, true>(q, p.q_stride[2], p.q_stride[3], n0, range.n1, D, q_tile, nullptr);
+    load_tile<T, true>(q, p.q_stride[2], p.q_stride[3], n0, range.n1, D, q_tile);
     __syncthreads();
     const float* phi_q = q_tile + t * pitch(D);
     float den = p.eps;
@@ -212,16 +215,16 @@ __global__ void __launch_bounds__(kThreads) linear_attention_out_kernel(Params p
 }
 
 // dq of one chunk of queries, and the chunk's partial dKV = Σ φ(q_i) u_iᵀ, dz = Σ w_i φ(q_i).
+// Two blocks per SM: ≤ 128 registers (the spread dKV takes 72 at kTiles = 8, t_i 16 more).
 template <typename T, int kTiles>
-__global__ void __launch_bounds__(kThreads) linear_attention_bwd_q_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 2) linear_attention_bwd_q_kernel(Params p) {
   extern __shared__ float smem[];
   const int D = int(p.D), Dv = int(p.Dv);
   float* kv_s = smem;                            // D × pitch(Dv)
   float* z_s = kv_s + D * pitch(Dv);             // D
   float* q_tile = z_s + D;                       // φ(q): kTokens × pitch(D)
-  float* dphi_tile = q_tile + kTokens * pitch(D);  // φ'(q)
-  float* u_tile = dphi_tile + kTokens * pitch(D);  // g, then u: kTokens × pitch(Dv)
-  float* w_tile = u_tile + kTokens * pitch(Dv);    // kTokens
+  float* u_tile = q_tile + kTokens * pitch(D);   // g, then u: kTokens × pitch(Dv)
+  float* w_tile = u_tile + kTokens * pitch(Dv);  // kTokens
   const int64_t bh = blockIdx.x;
   for (int idx = threadIdx.x; idx < D * Dv; idx += kThreads) kv_s[(idx / Dv) * pitch(Dv) + idx % Dv] = p.kv[bh * D * Dv + idx];
   for (int d = threadIdx.x; d < D; d += kThreads) z_s[d] = p.z[bh * D + d];
@@ -233,33 +236,45 @@ __global__ void __launch_bounds__(kThreads) linear_attention_bwd_q_kernel(Params
   dstate.zero();
   const ChunkRange range = chunk_range(p, p.Nq);
   for (int64_t n0 = range.n0; n0 < range.n1; n0 += kTokens) {
-    load_tile<T, true>(q, p.q_stride[2], p.q_stride[3], n0, range.n1, D, q_tile, dphi_tile);
-    load_tile<T, false>(grad, Dv, 1, n0, range.n1, Dv, u_tile, nullptr);
+    load_tile<T, true>(q, p.q_stride[2], p.q_stride[3], n0, range.n1, D, q_tile);
+    load_tile<T, false>(grad, Dv, 1, n0, range.n1, Dv, u_tile);
     __syncthreads();
-    // Row t: den, out = KVᵀφ(q)/den, u = g/den, w = −(g·out)/den (8 lanes per row).
+    // Row t, 8 lanes, lane owning d = lane + 8i: den, t_d = (KV g)_d, w, dq; then u = g/den.
     const float* phi_q = q_tile + t * pitch(D);
     float* u = u_tile + t * pitch(Dv);
     float den = p.eps;
     for (int d = 0; d < D; ++d) den += phi_q[d] * z_s[d];
     const bool valid = n0 + t < range.n1;
     if (!valid) den = 1.f;  // padded rows: φ(q) = g = 0, keep u, w finite
-    float g_dot_out = 0.f;
-    for (int e = lane; e < Dv; e += 8) {
-      float a = 0.f;
-      for (int d = 0; d < D; ++d) a += phi_q[d] * kv_s[d * pitch(Dv) + e];
-      g_dot_out += u[e] * a / den;
-    }
-    for (int m = 1; m < 8; m <<= 1) g_dot_out += __shfl_xor_sync(0xffffffffu, g_dot_out, m);
-    for (int e = lane; e < Dv; e += 8) u[e] /= den;
-    if (lane == 0) w_tile[t] = -g_dot_out / den;
-    __syncthreads();
-    if (valid) {
-      for (int d = lane; d < D; d += 8) {
-        float acc = w_tile[t] * z_s[d];
-        for (int e = 0; e < Dv; ++e) acc += u[e] * kv_s[d * pitch(Dv) + e];
-        dq[(n0 + t) * D + d] = from_float<T>(acc * dphi_tile[t * pitch(D) + d]);
+    float kv_g[2 * kTiles] = {};  // D ≤ 16·kTiles
+#pragma unroll 2
+    for (int e = 0; e < Dv; ++e) {
+      const float g = u[e];
+#pragma unroll
+      for (int i = 0; i < 2 * kTiles; ++i) {
+        const int d = lane + 8 * i;
+        if (d < D) kv_g[i] += g * kv_s[d * pitch(Dv) + e];
       }
     }
+    float phi_dot_kv_g = 0.f;
+#pragma unroll
+    for (int i = 0; i < 2 * kTiles; ++i) {
+      const int d = lane + 8 * i;
+      if (d < D) phi_dot_kv_g += phi_q[d] * kv_g[i];
+    }
+    for (int m = 1; m < 8; m <<= 1) phi_dot_kv_g += __shfl_xor_sync(0xffffffffu, phi_dot_kv_g, m);
+    const float w = -(phi_dot_kv_g / den) / den;
+    if (valid) {
+#pragma unroll
+      for (int i = 0; i < 2 * kTiles; ++i) {
+        const int d = lane + 8 * i;
+        if (d < D) dq[(n0 + t) * D + d] = from_float<T>((kv_g[i] / den + w * z_s[d]) * phi_slope(phi_q[d]));
+      }
+    }
+    __syncwarp();  // every lane of the row has read g
+    for (int e = lane; e < Dv; e += 8) u[e] /= den;
+    if (lane == 0) w_tile[t] = w;
+    __syncthreads();
     dstate.accumulate(q_tile, D, u_tile, Dv, w_tile);
     __syncthreads();
   }
@@ -274,9 +289,8 @@ __global__ void __launch_bounds__(kThreads) linear_attention_bwd_kv_kernel(Param
   const int D = int(p.D), Dv = int(p.Dv);
   float* dkv_s = smem;                             // D × pitch(Dv)
   float* dz_s = dkv_s + D * pitch(Dv);             // D
-  float* k_tile = dz_s + D;                        // φ(k): kTokens × pitch(D)
-  float* dphi_tile = k_tile + kTokens * pitch(D);  // φ'(k)
-  float* v_tile = dphi_tile + kTokens * pitch(D);  // kTokens × pitch(Dv)
+  float* k_tile = dz_s + D;                     // φ(k): kTokens × pitch(D)
+  float* v_tile = k_tile + kTokens * pitch(D);  // kTokens × pitch(Dv)
   const int64_t bh = blockIdx.x;
   sum_partials(p, bh, dkv_s, dz_s);
   const T* k = head_slice<T>(p.k, p.k_stride, bh, p.H);
@@ -286,8 +300,8 @@ __global__ void __launch_bounds__(kThreads) linear_attention_bwd_kv_kernel(Param
   const int t = threadIdx.x / 8, lane = threadIdx.x % 8;
   const ChunkRange range = chunk_range(p, p.Nk);
   for (int64_t n0 = range.n0; n0 < range.n1; n0 += kTokens) {
-    load_tile<T, true>(k, p.k_stride[2], p.k_stride[3], n0, range.n1, D, k_tile, dphi_tile);
-    load_tile<T, false>(v, p.v_stride[2], p.v_stride[3], n0, range.n1, Dv, v_tile, nullptr);
+    load_tile<T, true>(k, p.k_stride[2], p.k_stride[3], n0, range.n1, D, k_tile);
+    load_tile<T, false>(v, p.v_stride[2], p.v_stride[3], n0, range.n1, Dv, v_tile);
     __syncthreads();
     if (n0 + t < range.n1) {
       const float* vt = v_tile + t * pitch(Dv);
@@ -295,7 +309,7 @@ __global__ void __launch_bounds__(kThreads) linear_attention_bwd_kv_kernel(Param
       for (int d = lane; d < D; d += 8) {
         float acc = dz_s[d];
         for (int e = 0; e < Dv; ++e) acc += vt[e] * dkv_s[d * pitch(Dv) + e];
-        dk[(n0 + t) * D + d] = from_float<T>(acc * dphi_tile[t * pitch(D) + d]);
+        dk[(n0 + t) * D + d] = from_float<T>(acc * phi_slope(phi_k[d]));
       }
       for (int e = lane; e < Dv; e += 8) {
         float acc = 0.f;
@@ -355,11 +369,11 @@ cudaError_t launch_backward(Params p, int64_t kv_chunk, cudaStream_t stream) {
   return with_tiles(p, [&](auto tiling) {
     constexpr int tiles = decltype(tiling)::value;
     const dim3 q_grid(unsigned(p.B * p.H), unsigned(p.parts));
-    cudaError_t error = launch(linear_attention_bwd_q_kernel<T, tiles>, q_grid, tile_bytes(p, 2, 1, true), p, stream);
+    cudaError_t error = launch(linear_attention_bwd_q_kernel<T, tiles>, q_grid, tile_bytes(p, 1, 1, true), p, stream);
     if (error != cudaSuccess) return error;
     p.chunk = kv_chunk;
     const dim3 kv_grid(unsigned(p.B * p.H), unsigned((p.Nk + kv_chunk - 1) / kv_chunk));
-    return launch(linear_attention_bwd_kv_kernel<T>, kv_grid, tile_bytes(p, 2, 1, true), p, stream);
+    return launch(linear_attention_bwd_kv_kernel<T>, kv_grid, tile_bytes(p, 1, 1, true), p, stream);
   });
 }
 

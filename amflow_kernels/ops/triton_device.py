@@ -1,0 +1,22 @@
+"""What the Triton kernels' launch choices depend on besides the shapes: whether Triton's
+interpreter runs them, and how much shared memory a program may take on the device."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+H100_SHARED_MEMORY = 227 * 1024  # what configs are chosen for under the interpreter
+
+
+@functools.cache
+def shared_memory_limit(device: torch.device) -> int:
+    """The device's shared memory per block (opt-in maximum); an H100's under the interpreter."""
+    if device.type != "cuda":
+        return H100_SHARED_MEMORY
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
