@@ -10,11 +10,9 @@ rejects the inputs it raises rather than silently running the slow formulas.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .ops.triton_device import INTERPRET as _INTERPRET
 
 try:
     import triton  # noqa: F401

@@ -120,7 +120,7 @@ def test_triton_smallest_tiles(target, dtype, monkeypatch):
     """What a GPU with 99 KiB of shared memory per block (sm_86, sm_89) runs at D = Dv = 128:
     the smallest launch candidate (16-token tiles, one stage)."""
     device = target.activate(monkeypatch)
-    monkeypatch.setattr(linear_attention_triton, "shared_memory_limit", lambda device: 99 * 1024)
+    monkeypatch.setattr(linear_attention_triton, "shared_memory_limit", lambda _device: 99 * 1024)
     q, k, v = make_qkv("projection", (1, 2), 70, 70, 128, 128, dtype, device)
     launch = linear_attention_triton._Launch(q, v)
     assert (launch.block_n, launch.num_warps, launch.num_stages) == linear_attention_triton.launch_candidates(128, 128)[-1]

@@ -10,7 +10,7 @@ w_i = −(g_i · out_i) / den_i = −(φ(q_i) · t_i) / den_i²:
 
     ∂φ(q_i) = t_i / den_i + w_i z,   dKV = Σ_i φ(q_i) u_iᵀ,      dz = Σ_i w_i φ(q_i),
     ∂φ(k_j) = dKV v_j + dz,          dv_j = dKVᵀ φ(k_j),
-    dq = ∂φ(q) ⊙ φ'(q),   dk = ∂φ(k) ⊙ φ'(k),   φ'(x) = 1 if x > 0 else eˣ.
+    dq = ∂φ(q) ⊙ φ'(q),   dk = ∂φ(k) ⊙ φ'(k),   φ'(x) = 1 if x > 0 else eˣ = min(φ(x), 1).
 
 out_i is never formed in the backward: w_i comes from t_i, so a query tile meets the state in
 one product, not two, and the op keeps only KV and z: O(B·H·D·Dv) fp32.
@@ -61,8 +61,10 @@ def _phi(x):
 
 
 @triton.jit
-def _phi_grad(x):
-    return tl.where(x > 0, 1.0, tl.exp(x))
+def _phi_slope(phi):
+    """φ' read off φ (no second exponential): φ = x + 1 ≥ 1 where x > 0, eˣ ≤ 1 elsewhere;
+    NaN propagates (the comparison is false)."""
+    return tl.where(phi > 1.0, 1.0, phi)
 
 
 @triton.jit
@@ -199,7 +201,7 @@ def linear_attention_bwd_q_kernel(
         u = g / den[:, None]
         w = -(tl.sum(phi_q * kv_g, axis=1) / den) / den
         dphi_q = kv_g / den[:, None] + w[:, None] * z[None, :]
-        dq = dphi_q * _phi_grad(q)
+        dq = dphi_q * _phi_slope(phi_q)
         ptrs = dq_base + rows.to(tl.int64)[:, None] * D + dims[None, :]
         tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
         dkv += tl.dot(tl.trans(phi_q), u, input_precision=PRECISION)
@@ -237,7 +239,7 @@ def linear_attention_bwd_kv_kernel(
         k = _load_tile(k_base, rows, row_mask, stride_kn, dims, d_mask, stride_kd)
         phi_k = tl.where(row_mask[:, None] & d_mask[None, :], _phi(k), 0.0)
         v = _load_tile(v_base, rows, row_mask, stride_vn, vdims, e_mask, stride_ve)
-        dk = (tl.dot(v, tl.trans(dkv), input_precision=PRECISION) + dz[None, :]) * _phi_grad(k)
+        dk = (tl.dot(v, tl.trans(dkv), input_precision=PRECISION) + dz[None, :]) * _phi_slope(phi_k)
         dv = tl.dot(phi_k, dkv, input_precision=PRECISION)
         rows64 = rows.to(tl.int64)[:, None]
         tl.store(dk_base + rows64 * D + dims[None, :], dk.to(DK.dtype.element_ty),

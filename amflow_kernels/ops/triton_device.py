@@ -7,7 +7,6 @@ import functools
 import os
 
 import torch
-import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 H100_SHARED_MEMORY = 227 * 1024  # what configs are chosen for under the interpreter
@@ -18,5 +17,7 @@ def shared_memory_limit(device: torch.device) -> int:
     """The device's shared memory per block (opt-in maximum); an H100's under the interpreter."""
     if device.type != "cuda":
         return H100_SHARED_MEMORY
+    import triton  # here, not at import: the dispatcher reads INTERPRET where triton may be missing
+
     index = device.index if device.index is not None else torch.cuda.current_device()
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]

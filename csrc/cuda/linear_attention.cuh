@@ -325,9 +325,11 @@ __global__ void __launch_bounds__(kThreads) linear_attention_bwd_kv_kernel(Param
 // Launchers
 // ---------------------------------------------------------------------------------------
 
-inline size_t tile_bytes(const Params& p, int d_tiles, int dv_tiles, bool with_state) {
+// A kernel's dynamic shared memory: a D-wide token tile, a Dv-wide one if with_v_tile, kTokens
+// floats, and the D × Dv state with z if with_state.
+inline size_t tile_bytes(const Params& p, bool with_v_tile, bool with_state) {
   const size_t D = size_t(p.D), Dv = size_t(p.Dv);
-  size_t floats = size_t(kTokens) * (pitch(int(D)) * d_tiles + pitch(int(Dv)) * dv_tiles) + kTokens;
+  size_t floats = size_t(kTokens) * (pitch(int(D)) + (with_v_tile ? pitch(int(Dv)) : 0)) + kTokens;
   if (with_state) floats += D * pitch(int(Dv)) + D;
   return floats * sizeof(float);
 }
@@ -355,11 +357,11 @@ cudaError_t launch_forward(Params p, int64_t out_chunk, cudaStream_t stream) {
   return with_tiles(p, [&](auto tiling) {
     constexpr int tiles = decltype(tiling)::value;
     const dim3 state_grid(unsigned(p.B * p.H), unsigned(p.parts));
-    cudaError_t error = launch(linear_attention_state_kernel<T, tiles>, state_grid, tile_bytes(p, 1, 1, false), p, stream);
+    cudaError_t error = launch(linear_attention_state_kernel<T, tiles>, state_grid, tile_bytes(p, true, false), p, stream);
     if (error != cudaSuccess) return error;
     p.chunk = out_chunk;
     const dim3 out_grid(unsigned(p.B * p.H), unsigned((p.Nq + out_chunk - 1) / out_chunk));
-    return launch(linear_attention_out_kernel<T>, out_grid, tile_bytes(p, 1, 0, true), p, stream);
+    return launch(linear_attention_out_kernel<T>, out_grid, tile_bytes(p, false, true), p, stream);
   });
 }
 
@@ -369,11 +371,11 @@ cudaError_t launch_backward(Params p, int64_t kv_chunk, cudaStream_t stream) {
   return with_tiles(p, [&](auto tiling) {
     constexpr int tiles = decltype(tiling)::value;
     const dim3 q_grid(unsigned(p.B * p.H), unsigned(p.parts));
-    cudaError_t error = launch(linear_attention_bwd_q_kernel<T, tiles>, q_grid, tile_bytes(p, 1, 1, true), p, stream);
+    cudaError_t error = launch(linear_attention_bwd_q_kernel<T, tiles>, q_grid, tile_bytes(p, true, true), p, stream);
     if (error != cudaSuccess) return error;
     p.chunk = kv_chunk;
     const dim3 kv_grid(unsigned(p.B * p.H), unsigned((p.Nk + kv_chunk - 1) / kv_chunk));
-    return launch(linear_attention_bwd_kv_kernel<T>, kv_grid, tile_bytes(p, 1, 1, true), p, stream);
+    return launch(linear_attention_bwd_kv_kernel<T>, kv_grid, tile_bytes(p, true, true), p, stream);
   });
 }
 
