@@ -1,7 +1,7 @@
 // Fused CPU kernels for amflow::linear_attention_fwd / _bwd (float32, float64).
 //
 // A task owns one (batch b, head h) and walks blocks of R tokens. For each block, φ(x) =
-// elu(x) + 1 (and φ'(x)) are formed in a thread-local R × D buffer, and a small register-blocked
+// elu(x) + 1 is formed in a thread-local R × D buffer (φ' is read off it), and a small register-blocked
 // GEMM (small_gemm.h) updates or applies the D × Dv state, which stays in L1; φ(q), φ(k) never
 // exist for a whole head (the aligning encoder's heads are small: D = its width / 12, often 4 to
 // 16). Extra memory is O(R·(D + Dv) + D·Dv) per thread plus the returned
@@ -58,12 +58,10 @@ void load_rows(scalar_t* dst, const HeadRows<scalar_t>& src, int64_t r0, int64_t
   for (int64_t t = 0; t < rows; ++t) std::copy(src[r0 + t], src[r0 + t] + C, dst + t * C);
 }
 
-// phi[t, :] = φ(src row r0 + t), and dphi[t, :] = φ'(…) when dphi is given: elu(x) + 1 and its
-// derivative, vectorised over the dense block (small D included). The comparison is false for
-// NaN and exp(NaN) is NaN, so NaN propagates as in the reference.
+// phi[t, :] = φ(src row r0 + t) = elu(x) + 1, vectorised over the dense block (small D included).
+// The comparison is false for NaN and exp(NaN) is NaN, so NaN propagates as in the reference.
 template <typename scalar_t>
-void load_features(scalar_t* phi, scalar_t* dphi, const HeadRows<scalar_t>& src, int64_t r0, int64_t rows,
-                   int64_t D) {
+void load_features(scalar_t* phi, const HeadRows<scalar_t>& src, int64_t r0, int64_t rows, int64_t D) {
   using Vec = Vectorized<scalar_t>;
   load_rows(phi, src, r0, rows, D);
   const Vec zero(0), one(1);
@@ -71,16 +69,18 @@ void load_features(scalar_t* phi, scalar_t* dphi, const HeadRows<scalar_t>& src,
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec x = Vec::loadu(phi + i);
-    const Vec positive = x > zero;
-    const Vec e = x.exp();
-    Vec::blendv(e, x + one, positive).store(phi + i);
-    if (dphi != nullptr) Vec::blendv(e, one, positive).store(dphi + i);
+    Vec::blendv(x.exp(), x + one, x > zero).store(phi + i);
   }
-  for (; i < n; ++i) {
-    const scalar_t x = phi[i], e = std::exp(x);
-    phi[i] = x > 0 ? x + 1 : e;
-    if (dphi != nullptr) dphi[i] = x > 0 ? scalar_t(1) : e;
-  }
+  for (; i < n; ++i) phi[i] = phi[i] > 0 ? phi[i] + 1 : std::exp(phi[i]);
+}
+
+// x ⊙= φ'(·) over n elements, φ' read off φ as the CUDA and Triton kernels do: 1 where the input
+// was positive (φ = x + 1 > 1), φ = eˣ ≤ 1 elsewhere; NaN stays NaN (the comparison is false).
+template <typename scalar_t>
+void scale_by_phi_slope(scalar_t* x, const scalar_t* phi, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  const Vec one(1);
+  at::vec::map2<scalar_t>([one](Vec xv, Vec pv) { return xv * Vec::blendv(pv, one, pv > one); }, x, x, phi, n);
 }
 
 struct Shape {
@@ -90,11 +90,11 @@ struct Shape {
 // Thread-local buffers of one parallel chunk, reused by all its heads.
 template <typename scalar_t>
 struct Scratch {
-  std::vector<scalar_t> phi, dphi, rows, kv_t, dkv, dkv_t, dz;
+  std::vector<scalar_t> phi, rows, kv_t, dkv, dkv_t, dz;
 
   Scratch(const Shape& s)
-      : phi(kTokenBlock * s.D), dphi(kTokenBlock * s.D), rows(kTokenBlock * s.Dv), kv_t(s.D * s.Dv),
-        dkv(s.D * s.Dv), dkv_t(s.D * s.Dv), dz(s.D) {}
+      : phi(kTokenBlock * s.D), rows(kTokenBlock * s.Dv), kv_t(s.D * s.Dv), dkv(s.D * s.Dv), dkv_t(s.D * s.Dv),
+        dz(s.D) {}
 };
 
 // out = Mᵀ for the D × C matrix M.
@@ -112,7 +112,7 @@ void forward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar_
   std::fill(z, z + D, scalar_t(0));
   for (int64_t r0 = 0; r0 < s.Nk; r0 += kTokenBlock) {
     const int64_t rows = std::min(kTokenBlock, s.Nk - r0);
-    load_features(buf.phi.data(), static_cast<scalar_t*>(nullptr), k, r0, rows, D);
+    load_features(buf.phi.data(), k, r0, rows, D);
     load_rows(buf.rows.data(), v, r0, rows, Dv);
     small_gemm(kv, Dv, transposed(buf.phi.data(), D), buf.rows.data(), Dv, D, rows, Dv, true);  // KV += φ(K)ᵀ V
     for (int64_t t = 0; t < rows; ++t)
@@ -120,7 +120,7 @@ void forward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar_
   }
   for (int64_t r0 = 0; r0 < s.Nq; r0 += kTokenBlock) {
     const int64_t rows = std::min(kTokenBlock, s.Nq - r0);
-    load_features(buf.phi.data(), static_cast<scalar_t*>(nullptr), q, r0, rows, D);
+    load_features(buf.phi.data(), q, r0, rows, D);
     scalar_t* out_rows = out + r0 * Dv;
     small_gemm(out_rows, Dv, dense(buf.phi.data(), D), kv, Dv, rows, D, Dv, false);  // φ(Q) KV
     for (int64_t t = 0; t < rows; ++t) {
@@ -135,14 +135,14 @@ void backward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar
                    const HeadRows<scalar_t>& q, const HeadRows<scalar_t>& k, const HeadRows<scalar_t>& v,
                    const scalar_t* kv, const scalar_t* z, double eps, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   const int64_t D = s.D, Dv = s.Dv;
-  scalar_t *phi = buf.phi.data(), *dphi = buf.dphi.data(), *u = buf.rows.data();
+  scalar_t *phi = buf.phi.data(), *u = buf.rows.data();
   scalar_t *dkv = buf.dkv.data(), *dz = buf.dz.data();
   std::fill(dkv, dkv + D * Dv, scalar_t(0));
   std::fill(dz, dz + D, scalar_t(0));
   transpose(buf.kv_t.data(), kv, D, Dv);
   for (int64_t r0 = 0; r0 < s.Nq; r0 += kTokenBlock) {
     const int64_t rows = std::min(kTokenBlock, s.Nq - r0);
-    load_features(phi, dphi, q, r0, rows, D);
+    load_features(phi, q, r0, rows, D);
     load_rows(u, grad, r0, rows, Dv);
     scalar_t* dq_rows = dq + r0 * D;
     small_gemm(dq_rows, D, dense(u, Dv), buf.kv_t.data(), D, rows, Dv, D, false);  // KV g_i
@@ -152,22 +152,24 @@ void backward_task(const Shape& s, Scratch<scalar_t>& buf, const HeadRows<scalar
       const scalar_t den = dot(phi_t, z, D) + static_cast<scalar_t>(eps);
       const scalar_t w = -(dot(phi_t, dq_t, D) / den) / den;
       for (int64_t d = 0; d < D; ++d) {
-        dq_t[d] = (dq_t[d] / den + w * z[d]) * dphi[t * D + d];
+        dq_t[d] = dq_t[d] / den + w * z[d];
         dz[d] += w * phi_t[d];
       }
       for (int64_t c = 0; c < Dv; ++c) u[t * Dv + c] /= den;
     }
+    scale_by_phi_slope(dq_rows, phi, rows * D);
     small_gemm(dkv, Dv, transposed(phi, D), u, Dv, D, rows, Dv, true);  // dKV += φ(Q)ᵀ U
   }
   transpose(buf.dkv_t.data(), dkv, D, Dv);
   for (int64_t r0 = 0; r0 < s.Nk; r0 += kTokenBlock) {
     const int64_t rows = std::min(kTokenBlock, s.Nk - r0);
-    load_features(phi, dphi, k, r0, rows, D);
+    load_features(phi, k, r0, rows, D);
     load_rows(u, v, r0, rows, Dv);
     scalar_t* dk_rows = dk + r0 * D;
     small_gemm(dk_rows, D, dense(u, Dv), buf.dkv_t.data(), D, rows, Dv, D, false);  // dKV v_j
     for (int64_t t = 0; t < rows; ++t)
-      for (int64_t d = 0; d < D; ++d) dk_rows[t * D + d] = (dk_rows[t * D + d] + dz[d]) * dphi[t * D + d];
+      for (int64_t d = 0; d < D; ++d) dk_rows[t * D + d] += dz[d];
+    scale_by_phi_slope(dk_rows, phi, rows * D);
     small_gemm(dv + r0 * Dv, Dv, dense(phi, D), dkv, Dv, rows, D, Dv, false);  // dKVᵀ φ(k_j)
   }
 }
