@@ -17,10 +17,12 @@ SHAPES = {
     "vit_base_patch14_dinov2.518 B2 T8": (2, 8, 12, 1370, 64),
     "vit_base_patch14_224 B4 T32": (4, 32, 12, 257, 64),
 }
-# CPU (float32, the machine's threads): the speed shape and its memory shape.
+# CPU (float32, the machine's threads): the speed shape and its memory shape, and the
+# demo's tiny ViT (32 px frames, patch 8: 16 patches + cls), where per-row work dominates.
 CPU_SHAPES = {
     "vit_base_patch14_224 B2 T8": (2, 8, 12, 257, 64),
     "vit_base_patch14_dinov2.518 B1 T4": (1, 4, 12, 1370, 64),
+    "demo tiny ViT B16 T8": (16, 8, 4, 17, 24),
 }
 MODES = ("fwd", "fwd+bwd")
 DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}

@@ -54,14 +54,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, int64_t offset, bool
 }
 
 // The row helpers below take whole vectors: n is a multiple of Vectorized<scalar_t>::size().
-template <typename scalar_t>
-scalar_t row_max(const scalar_t* x, int64_t n) {
-  using Vec = Vectorized<scalar_t>;
-  Vec acc = Vec::loadu(x);
-  for (int64_t j = Vec::size(); j < n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
-  return at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
-}
-
 // x ← exp(x − m) in place; returns Σ_j exp(x_j − m).
 template <typename scalar_t>
 scalar_t exp_shifted_sum(scalar_t* x, scalar_t m, int64_t n) {
@@ -77,22 +69,28 @@ scalar_t exp_shifted_sum(scalar_t* x, scalar_t m, int64_t n) {
 }
 
 // The logits of one padded score row: x = |S[a] − S[b]| with z = S[a] − S[b] kept (paired), or
-// x = S[a]; then x = −∞ on the padding [n, np), which the softmax turns into zeros.
+// x = S[a]; x = −∞ on the padding [n, np), which the softmax turns into zeros. Returns max_j x,
+// formed in the same pass (a second pass would reload x at a few dozen tokens, where the passes
+// over a row cost more than its exponentials).
 template <typename scalar_t>
-void row_logits(const scalar_t* sa, const scalar_t* sb, bool paired, scalar_t* z, scalar_t* x, int64_t n,
-                int64_t np) {
+scalar_t row_logits_max(const scalar_t* sa, const scalar_t* sb, bool paired, scalar_t* z, scalar_t* x, int64_t n,
+                        int64_t np) {
   using Vec = Vectorized<scalar_t>;
+  const Vec minus_inf(-std::numeric_limits<scalar_t>::infinity());
+  Vec acc = minus_inf;
   for (int64_t j = 0; j < np; j += Vec::size()) {
-    const Vec a = Vec::loadu(sa + j);
+    Vec v = Vec::loadu(sa + j);
     if (paired) {
-      const Vec difference = a - Vec::loadu(sb + j);
+      const Vec difference = v - Vec::loadu(sb + j);
       difference.store(z + j);
-      difference.abs().store(x + j);
-    } else {
-      a.store(x + j);
+      v = difference.abs();
     }
+    // Past n (the last vectors: rows are padded to whole float vectors), keep the real lanes.
+    if (j + Vec::size() > n) v = Vec::set(minus_inf, v, std::max<int64_t>(n - j, 0));
+    v.store(x + j);
+    acc = at::vec::maximum(acc, v);
   }
-  std::fill(x + n, x + np, -std::numeric_limits<scalar_t>::infinity());
+  return at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
 }
 
 // e_first += sign(z)·dz and e_second −= sign(z)·dz, with sign(0) = sign(NaN) = 0 (paired), or
@@ -176,16 +174,26 @@ void gemm(scalar_t* Y, int64_t y_stride, const Operand<scalar_t>& A, const scala
   else at::mm_out(y, a, b);
 }
 
-// keys_t[t] = scale · K_tᵀ (D × Np, the padded columns left zero) for every frame of the task.
+// keys_t[t] = scale · K_tᵀ (D × Np, the padded columns left zero) for every frame of the task:
+// whole W × W blocks transposed in registers, the edges element by element, then scaled.
 template <typename scalar_t>
 void scaled_keys_transposed(const Shape& s, const Frames<const scalar_t>& k, scalar_t scale, scalar_t* keys_t) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int W = Vec::size();
+  const int64_t N = s.N, D = s.D, Np = s.Np, n_blocks = N / W * W, d_blocks = D / W * W;
   for (int64_t t = 0; t < s.T; ++t) {
-    scalar_t* kt = keys_t + t * s.D * s.Np;
-    for (int64_t n = 0; n < s.N; ++n) {
+    scalar_t* kt = keys_t + t * D * Np;
+    for (int64_t n = 0; n < n_blocks; n += W) {
+      for (int64_t d = 0; d < d_blocks; d += W) {
+        at::vec::transpose_mxn<scalar_t, W, W>(k.row(t, n) + d, k.row_stride, kt + d * Np + n, Np);
+      }
+    }
+    for (int64_t n = 0; n < N; ++n) {
       const scalar_t* kn = k.row(t, n);
-      for (int64_t d = 0; d < s.D; ++d) kt[d * s.Np + n] = scale * kn[d];
+      for (int64_t d = n < n_blocks ? d_blocks : 0; d < D; ++d) kt[d * Np + n] = kn[d];
     }
   }
+  at::vec::map<scalar_t>([scale](Vec x) { return x * Vec(scale); }, keys_t, keys_t, s.T * D * Np);
 }
 
 // scores[t] = Q_t[r0 : r0 + rows] · keys_t[t] = S_t rows (rows × Np, zero padded) for every frame.
@@ -196,6 +204,20 @@ void frame_scores(const Shape& s, const Frames<const scalar_t>& q, const scalar_
     const Operand<scalar_t> q_rows{q.row(t, r0), q.row_stride, 1};
     gemm(scores + t * rows * s.Np, s.Np, q_rows, keys_t + t * s.D * s.Np, s.Np, rows, s.D, s.Np, false);
   }
+}
+
+// stats holds the (max, sum) of n rows; sum ← log2 sum, in vectors over the whole slice: a libm
+// call per row costs as much as the row's exponentials at a few dozen tokens.
+void log2_of_row_sums(float* stats, int64_t n) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t odd_lanes = static_cast<int64_t>(0xAAAAAAAAAAAAAAAAull & ((1ull << W) - 1));
+  int64_t j = 0;
+  for (; j + W <= 2 * n; j += W) {
+    const Vec v = Vec::loadu(stats + j);
+    Vec::template blend<odd_lanes>(v, v.log2()).store(stats + j);
+  }
+  for (j += 1; j < 2 * n; j += 2) stats[j] = std::log2(stats[j]);
 }
 
 template <typename scalar_t>
@@ -220,17 +242,19 @@ void forward_task(const Shape& s, int64_t b, int64_t h, const at::Tensor& q, con
       for (int64_t i = 0; i < rows; ++i) {
         const scalar_t* sa = scores + (p * rows + i) * Np;
         const scalar_t* sb = scores + ((p + s.offset) * rows + i) * Np;
-        row_logits(sa, sb, s.paired, z, x, N, Np);
-        const scalar_t m = row_max(x, Np);
+        const scalar_t m = row_logits_max(sa, sb, s.paired, z, x, N, Np);
         const scalar_t sum = exp_shifted_sum(x, m, Np);
         const scalar_t inv = scalar_t(1) / sum;
         at::vec::map2<scalar_t>([inv](Vec acc, Vec e) { return acc + e * Vec(inv); }, colsum, colsum, x, Np);
         stats[2 * (slice + r0 + i)] = static_cast<float>(m);
-        stats[2 * (slice + r0 + i) + 1] = static_cast<float>(std::log2(sum));
+        stats[2 * (slice + r0 + i) + 1] = static_cast<float>(sum);  // its log2 is taken below
       }
     }
   }
-  for (int64_t p = 0; p < s.P; ++p) std::copy_n(colsums + p * Np, N, out + output_slice(s, b, p, h));
+  for (int64_t p = 0; p < s.P; ++p) {
+    std::copy_n(colsums + p * Np, N, out + output_slice(s, b, p, h));
+    log2_of_row_sums(stats + 2 * output_slice(s, b, p, h), N);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_colsum_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -280,8 +304,7 @@ void backward_task(const Shape& s, int64_t b, int64_t h, const scalar_t* grad, c
       for (int64_t i = 0; i < rows; ++i) {
         const scalar_t* sa = scores + (p * rows + i) * Np;
         const scalar_t* sb = scores + ((p + s.offset) * rows + i) * Np;
-        row_logits(sa, sb, s.paired, z, prob, N, Np);
-        const scalar_t m = row_max(prob, Np);
+        const scalar_t m = row_logits_max(sa, sb, s.paired, z, prob, N, Np);
         const scalar_t inv = scalar_t(1) / exp_shifted_sum(prob, m, Np);
         at::vec::map<scalar_t>([inv](Vec e) { return e * Vec(inv); }, prob, prob, Np);
         const scalar_t c = at::vec::map2_reduce_all<scalar_t>(
@@ -295,9 +318,9 @@ void backward_task(const Shape& s, int64_t b, int64_t h, const scalar_t* grad, c
     }
     for (int64_t t = 0; t < s.T; ++t) {
       const scalar_t* e = grads + t * rows * Np;
-      // dQ_t[rows] = (scale · E_t) K_t;  dK_t += (scale · E_t)ᵀ Q_t[rows].
+      // dQ_t[rows] = (scale · E_t) K_t;  dK_t += (scale · E_t)ᵀ Q_t[rows] (= on the first row block).
       gemm(dqf.row(t, r0), D, dense(e, Np), kf.row(t, 0), kf.row_stride, rows, N, D, false);
-      gemm(dkf.row(t, 0), D, transposed(e, Np), qf.row(t, r0), qf.row_stride, N, rows, D, true);
+      gemm(dkf.row(t, 0), D, transposed(e, Np), qf.row(t, r0), qf.row_stride, N, rows, D, r0 > 0);
     }
   }
 }
@@ -314,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_colsum_bwd_cpu(const at::Tensor& grad
   const auto grad = grad_in.to(q.scalar_type()).contiguous();
   // Contiguous (B, T, H, N, D) gradients, written through the same row view as q and k.
   auto dq = at::empty({s.B, s.T, s.H, s.N, s.D}, q.options());
-  auto dk = at::zeros({s.B, s.T, s.H, s.N, s.D}, k.options());
+  auto dk = at::empty({s.B, s.T, s.H, s.N, s.D}, k.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "softmax_colsum_bwd_cpu", [&] {
     const scalar_t* grad_ptr = grad.data_ptr<scalar_t>();
     parallel_tasks(s.B * s.H, [&](int64_t begin, int64_t end) {
