@@ -93,15 +93,16 @@ scalar_t row_logits_max(const scalar_t* sa, const scalar_t* sb, bool paired, sca
   return at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
 }
 
-// e_first += sign(z)·dz and e_second −= sign(z)·dz, with sign(0) = sign(NaN) = 0 (paired), or
-// e_first += dz.
+// The logit gradient of one row, dz_j = factor · e_j · (g_j − c) (∂L/∂z = scale · P · (g − c) with
+// P = e / Σ e, so factor = scale / Σ e), added to the frames' score gradients: e_first += sign(z)·dz
+// and e_second −= sign(z)·dz, with sign(0) = sign(NaN) = 0 (paired), or e_first += dz.
 template <typename scalar_t>
-void scatter_logit_grad(const scalar_t* z, const scalar_t* dz, bool paired, scalar_t* e_first, scalar_t* e_second,
-                        int64_t np) {
+void scatter_logit_grad(const scalar_t* z, const scalar_t* e, const scalar_t* g, scalar_t c, scalar_t factor,
+                        bool paired, scalar_t* e_first, scalar_t* e_second, int64_t np) {
   using Vec = Vectorized<scalar_t>;
   const Vec zero(0);
   for (int64_t j = 0; j < np; j += Vec::size()) {
-    Vec v = Vec::loadu(dz + j);
+    Vec v = Vec(factor) * Vec::loadu(e + j) * (Vec::loadu(g + j) - Vec(c));
     if (paired) {
       const Vec zj = Vec::loadu(z + j);
       v = Vec::blendv(zero, v, zj > zero) - Vec::blendv(zero, v, zj < zero);
@@ -147,11 +148,11 @@ struct Scratch {
   std::vector<scalar_t> colsums;  // (P, Np): the task's column sums (forward)
   std::vector<scalar_t> grads;    // (T, R, Np): scale · E_t of a row block (backward)
   std::vector<scalar_t> grad_row; // (Np): ∂L/∂out of one pair (backward)
-  std::vector<scalar_t> z, x, dz; // (Np) each
+  std::vector<scalar_t> z, x;     // (Np) each
 
   Scratch(const Shape& s, int64_t R, bool backward)
       : keys_t(s.T * s.D * s.Np), scores(s.T * R * s.Np), colsums(backward ? 0 : s.P * s.Np),
-        grads(backward ? s.T * R * s.Np : 0), grad_row(backward ? s.Np : 0), z(s.Np), x(s.Np), dz(s.Np) {}
+        grads(backward ? s.T * R * s.Np : 0), grad_row(backward ? s.Np : 0), z(s.Np), x(s.Np) {}
 };
 
 // Y (rows × C, row stride y_stride) = A B, or += A B when accumulating; B is K × C with row
@@ -286,8 +287,7 @@ void backward_task(const Shape& s, int64_t b, int64_t h, const scalar_t* grad, c
   using Vec = Vectorized<scalar_t>;
   const int64_t N = s.N, Np = s.Np, D = s.D;
   scalar_t* z = buf.z.data();
-  scalar_t* prob = buf.x.data();
-  scalar_t* dz = buf.dz.data();
+  scalar_t* e = buf.x.data();  // exp(x − m) of one row
   scalar_t* g = buf.grad_row.data();
   const Frames<const scalar_t> qf(q, b, h), kf(k, b, h);
   const Frames<scalar_t> dqf(dq, b, h), dkf(dk, b, h);
@@ -304,23 +304,20 @@ void backward_task(const Shape& s, int64_t b, int64_t h, const scalar_t* grad, c
       for (int64_t i = 0; i < rows; ++i) {
         const scalar_t* sa = scores + (p * rows + i) * Np;
         const scalar_t* sb = scores + ((p + s.offset) * rows + i) * Np;
-        const scalar_t m = row_logits_max(sa, sb, s.paired, z, prob, N, Np);
-        const scalar_t inv = scalar_t(1) / exp_shifted_sum(prob, m, Np);
-        at::vec::map<scalar_t>([inv](Vec e) { return e * Vec(inv); }, prob, prob, Np);
-        const scalar_t c = at::vec::map2_reduce_all<scalar_t>(
-            [](Vec pv, Vec gv) { return pv * gv; }, [](Vec a, Vec bv) { return a + bv; }, prob, g, Np);
-        // dz = scale · P · (g − c), signed by z when paired.
-        at::vec::map2<scalar_t>([c, scale](Vec pv, Vec gv) { return pv * (gv - Vec(c)) * Vec(scale); },
-                                dz, prob, g, Np);
-        scatter_logit_grad(z, dz, s.paired, grads + (p * rows + i) * Np, grads + ((p + s.offset) * rows + i) * Np,
-                           Np);
+        const scalar_t m = row_logits_max(sa, sb, s.paired, z, e, N, Np);
+        const scalar_t inv = scalar_t(1) / exp_shifted_sum(e, m, Np);
+        // c = Σ_j P_ij g_j = inv · Σ_j e_j g_j.
+        const scalar_t c = inv * at::vec::map2_reduce_all<scalar_t>(
+            [](Vec ev, Vec gv) { return ev * gv; }, [](Vec a, Vec bv) { return a + bv; }, e, g, Np);
+        scatter_logit_grad(z, e, g, c, scale * inv, s.paired, grads + (p * rows + i) * Np,
+                           grads + ((p + s.offset) * rows + i) * Np, Np);
       }
     }
     for (int64_t t = 0; t < s.T; ++t) {
-      const scalar_t* e = grads + t * rows * Np;
+      const scalar_t* e_t = grads + t * rows * Np;
       // dQ_t[rows] = (scale · E_t) K_t;  dK_t += (scale · E_t)ᵀ Q_t[rows] (= on the first row block).
-      gemm(dqf.row(t, r0), D, dense(e, Np), kf.row(t, 0), kf.row_stride, rows, N, D, false);
-      gemm(dkf.row(t, 0), D, transposed(e, Np), qf.row(t, r0), qf.row_stride, N, rows, D, r0 > 0);
+      gemm(dqf.row(t, r0), D, dense(e_t, Np), kf.row(t, 0), kf.row_stride, rows, N, D, false);
+      gemm(dkf.row(t, 0), D, transposed(e_t, Np), qf.row(t, r0), qf.row_stride, N, rows, D, r0 > 0);
     }
   }
 }
