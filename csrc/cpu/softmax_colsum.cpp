@@ -216,7 +216,7 @@ void log2_of_row_sums(float* stats, int64_t n) {
   int64_t j = 0;
   for (; j + W <= 2 * n; j += W) {
     const Vec v = Vec::loadu(stats + j);
-    Vec::template blend<odd_lanes>(v, v.log2()).store(stats + j);
+    Vec::blend<odd_lanes>(v, v.log2()).store(stats + j);
   }
   for (j += 1; j < 2 * n; j += 2) stats[j] = std::log2(stats[j]);
 }
