@@ -32,6 +32,14 @@ namespace amflow::cuda::linear {
 constexpr int kThreads = 256;
 constexpr int kTokens = 32;       // tokens per tile
 constexpr int kMaxHeadDim = 128;  // D and Dv
+// Blocks per SM the kernels are compiled for: an explicit 1 where not stated, since without a
+// minimum ptxas aims its register allocation at more resident blocks and spills
+// (tests/test_cuda_registers.py); two for bwd_q on sm_90 (see there).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kBwdQBlocksPerSM = 1;
+#else
+constexpr int kBwdQBlocksPerSM = 2;
+#endif
 
 struct Params {
   const void* q;  // (B, H, Nq, D), any strides
@@ -155,7 +163,7 @@ __device__ __forceinline__ ChunkRange chunk_range(const Params& p, int64_t N) {
 
 // part_kv[chunk, bh] = Σ_{j ∈ chunk} φ(k_j) v_jᵀ, part_z[chunk, bh] = Σ_{j ∈ chunk} φ(k_j).
 template <typename T, int kTiles>
-__global__ void __launch_bounds__(kThreads) linear_attention_state_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 1) linear_attention_state_kernel(Params p) {
   extern __shared__ float smem[];
   const int D = int(p.D), Dv = int(p.Dv);
   float* k_tile = smem;                            // kTokens × pitch(D)
@@ -180,7 +188,7 @@ __global__ void __launch_bounds__(kThreads) linear_attention_state_kernel(Params
 // out_i = KVᵀ φ(q_i) / (φ(q_i)·z + eps) for the queries of one chunk; chunk 0 also writes the
 // summed state when there were several partials.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) linear_attention_out_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 1) linear_attention_out_kernel(Params p) {
   extern __shared__ float smem[];
   const int D = int(p.D), Dv = int(p.Dv);
   float* kv_s = smem;                          // D × pitch(Dv)
@@ -215,9 +223,12 @@ __global__ void __launch_bounds__(kThreads) linear_attention_out_kernel(Params p
 }
 
 // dq of one chunk of queries, and the chunk's partial dKV = Σ φ(q_i) u_iᵀ, dz = Σ w_i φ(q_i).
-// Two blocks per SM: ≤ 128 registers (the spread dKV takes 72 at kTiles = 8, t_i 16 more).
+// Two blocks per SM on sm_90, whose 228 KiB of shared memory holds two at any kTiles: ≤ 128
+// registers (the spread dKV takes 72 at kTiles = 8, t_i 16 more), which sm_90 code fits. One
+// elsewhere: an A100's 164 KiB holds one block at kTiles = 8 anyway, and sm_80 code needs 158
+// registers there (it spilled under the cap of two blocks).
 template <typename T, int kTiles>
-__global__ void __launch_bounds__(kThreads, 2) linear_attention_bwd_q_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, kBwdQBlocksPerSM) linear_attention_bwd_q_kernel(Params p) {
   extern __shared__ float smem[];
   const int D = int(p.D), Dv = int(p.Dv);
   float* kv_s = smem;                            // D × pitch(Dv)
@@ -284,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 2) linear_attention_bwd_q_kernel(Par
 
 // dk_j = (dKV v_j + dz) ⊙ φ'(k_j) and dv_j = dKVᵀ φ(k_j) for one chunk of keys.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) linear_attention_bwd_kv_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 1) linear_attention_bwd_kv_kernel(Params p) {
   extern __shared__ float smem[];
   const int D = int(p.D), Dv = int(p.Dv);
   float* dkv_s = smem;                             // D × pitch(Dv)

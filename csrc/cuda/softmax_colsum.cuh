@@ -42,6 +42,10 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kWarps = kThreads / 32;
 constexpr int kFragment = 16;                  // WMMA tile edge
 
+// Kernels are declared __launch_bounds__(kThreads, 1): without an explicit minimum of blocks per
+// SM, ptxas aims its register allocation at more resident blocks and spills (20 bytes per thread
+// in the rowdot kernel on sm_80), as tests/test_cuda_registers.py reads from ptxas.
+
 // Tensor cores for fp16/bf16 on sm_80+ (bf16 WMMA needs sm_80); CUDA cores on older GPUs, and
 // everywhere in a build with AMFLOW_CUDA_CORES_ONLY defined (how the tests' CUDA emulator runs
 // the older GPUs' path).
@@ -212,7 +216,7 @@ __device__ __forceinline__ int64_t slot(const ColsumParams& p, int64_t b, int64_
 
 // stats of a row block of pair (b, pair, h), online over column blocks. Grid (B·P·H, ⌈N/32⌉).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) colsum_fwd_stats_kernel(ColsumParams p) {
+__global__ void __launch_bounds__(kThreads, 1) colsum_fwd_stats_kernel(ColsumParams p) {
   const int64_t id = blockIdx.x, h = id % p.H, pair = (id / p.H) % p.P, b = id / (p.H * p.P);
   const TileIndex ti = tile_index();
   const int64_t row0 = int64_t(blockIdx.y) * kTile;
@@ -241,7 +245,7 @@ __global__ void __launch_bounds__(kThreads) colsum_fwd_stats_kernel(ColsumParams
 
 // out[b, pair, h, cols] = Σ_i P_ij over row blocks, for a column block. Grid (B·P·H, ⌈N/32⌉).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) colsum_fwd_cols_kernel(ColsumParams p) {
+__global__ void __launch_bounds__(kThreads, 1) colsum_fwd_cols_kernel(ColsumParams p) {
   __shared__ float partial[kTile][kTile + 1];
   const int64_t id = blockIdx.x, h = id % p.H, pair = (id / p.H) % p.P, b = id / (p.H * p.P);
   const TileIndex ti = tile_index();
@@ -275,7 +279,7 @@ __global__ void __launch_bounds__(kThreads) colsum_fwd_cols_kernel(ColsumParams 
 
 // c = Σ_j P g / Σ_j P and stats_bwd = (m, l + log2 Σ_j P) of a row block. Grid (B·P·H, ⌈N/32⌉).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) colsum_bwd_rowdot_kernel(ColsumParams p) {
+__global__ void __launch_bounds__(kThreads, 1) colsum_bwd_rowdot_kernel(ColsumParams p) {
   const int64_t id = blockIdx.x, h = id % p.H, pair = (id / p.H) % p.P, b = id / (p.H * p.P);
   const TileIndex ti = tile_index();
   const int64_t row0 = int64_t(blockIdx.y) * kTile, row = row0 + ti.row;
@@ -457,7 +461,7 @@ __device__ void dqdk_tensor_cores(const ColsumParams& p, const GradBlock<T>& g) 
 // dQ_t[rows] (transpose = false) or dK_t[cols] (transpose = true) of one 32-wide block of
 // frame t: Σ over the other axis of E_t · K_t (resp. E_tᵀ · Q_t). Grid (B·T·H, ⌈N/32⌉).
 template <typename T, bool kTranspose>
-__global__ void __launch_bounds__(kThreads) colsum_bwd_dqdk_kernel(ColsumParams p) {
+__global__ void __launch_bounds__(kThreads, 1) colsum_bwd_dqdk_kernel(ColsumParams p) {
   GradBlock<T> g;
   const int64_t id = blockIdx.x;
   g.h = id % p.H;
