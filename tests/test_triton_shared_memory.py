@@ -19,14 +19,10 @@ bounds by which configs are chosen for the device:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+import torch
 import triton
+from triton_aot import case_id, compile_cases
 
 from amflow_kernels.ops import colsum_triton, linear_attention_triton
 
@@ -34,19 +30,31 @@ SM86_SHARED_MEMORY = 99 * 1024
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
 PRECISION = {"float32": "ieee", "bfloat16": "tf32"}
 
+
+def _block_k(dtype: str, block_d: int) -> int:
+    return colsum_triton.block_k(block_d, getattr(torch, dtype))
+
+
 # The dependents of the blocked kernels, at the largest tiles per head dim that an H100 admits.
 BOUND_CASES = [
     dict(kernel=kernel, dtype=dtype, cc=80, num_warps=4, num_stages=1,
-         constexprs=dict(PAIRED=True, PRECISION=PRECISION[dtype], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd))
+         constexprs=dict(PAIRED=True, PRECISION=PRECISION[dtype], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+                         BLOCK_K=_block_k(dtype, bd)))
     for kernel in ("colsum_bwd_dq_kernel", "colsum_bwd_dk_kernel")
     for dtype in ITEMSIZE
     for bm, bn, bd in ((128, 64, 64), (64, 128, 64), (64, 64, 128), (32, 32, 256))
 ]
-# The resident forward's smallest config at the largest on-chip rows resident_fits allows.
+# The resident forward at the widest rows resident_fits allows per head dim.
+def _widest_resident_rows(dtype: str, block_d: int) -> int:
+    return max(2**i for i in range(4, 11) if colsum_triton.resident_fits(2**i, block_d, getattr(torch, dtype)))
+
+
 FIT_CASES = [
-    dict(kernel="colsum_fwd_resident_kernel", dtype=dtype, cc=80, num_warps=4, num_stages=1,
-         constexprs=dict(PAIRED=True, PRECISION=PRECISION[dtype], BLOCK_M=16, BLOCK_N=bn, BLOCK_D=bd))
-    for dtype, bn, bd in (("float32", 512, 32), ("float32", 256, 64), ("bfloat16", 512, 64), ("bfloat16", 128, 256))
+    dict(kernel="colsum_fwd_resident_kernel", dtype=dtype, cc=80, num_warps=8, num_stages=1,
+         constexprs=dict(PAIRED=True, PRECISION=PRECISION[dtype], BLOCK_M=16, BLOCK_N=_widest_resident_rows(dtype, bd),
+                         BLOCK_D=bd, BLOCK_K=_block_k(dtype, bd)))
+    for dtype in ITEMSIZE
+    for bd in (32, 64, 128, 256)
 ]
 
 LINEAR_KERNELS = ("state", "out", "bwd_q", "bwd_kv")
@@ -72,48 +80,25 @@ LINEAR_CASES = [
     for block_n, warps, stages in _linear_candidates(dtype, bd, bdv)
 ]
 
-def _case_id(case: dict) -> str:
-    c = case["constexprs"]
-    names = ("BLOCK_N", "BLOCK_D", "BLOCK_DV") if "BLOCK_DV" in c else ("BLOCK_M", "BLOCK_N", "BLOCK_D")
-    tiles = "x".join(str(c[k]) for k in names)
-    return f"{case['kernel']}-{case['dtype']}-{tiles}-w{case['num_warps']}s{case['num_stages']}"
-
-
 @pytest.fixture(scope="module")
 def shared_memory():
-    """Bytes of shared memory per case id, from two compiler processes (the cases split
-    between them) without TRITON_INTERPRET."""
+    """Bytes of shared memory per case id."""
     if "nvidia" not in triton.backends.backends:
         pytest.skip(reason="this Triton has no NVIDIA backend to compile for")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("triton_aot.py")
-    cases = BOUND_CASES + FIT_CASES + LINEAR_CASES
-    workers = [
-        subprocess.Popen([sys.executable, str(script), json.dumps(cases[i::2])], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
-    results = {}
-    for worker in workers:
-        out, err = worker.communicate()
-        assert worker.returncode == 0, f"ahead-of-time compilation failed:\n{err[-3000:]}"
-        for line in out.splitlines():
-            case = json.loads(line)
-            results[_case_id(case)] = case["shared"]
-    return results
+    return {key: result["shared"] for key, result in compile_cases(BOUND_CASES + FIT_CASES + LINEAR_CASES).items()}
 
 
-@pytest.mark.parametrize("case", BOUND_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", BOUND_CASES, ids=case_id)
 def test_blocked_bound_holds(shared_memory, case):
     c = case["constexprs"]
     bound = colsum_triton.blocked_shared_memory_bound(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], ITEMSIZE[case["dtype"]])
-    needed = shared_memory[_case_id(case)]
+    needed = shared_memory[case_id(case)]
     assert needed <= bound, f"needs {needed} bytes of shared memory, above the bound the configs are pruned by ({bound})"
 
 
-@pytest.mark.parametrize("case", FIT_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", FIT_CASES, ids=case_id)
 def test_fits_sm86(shared_memory, case):
-    needed = shared_memory[_case_id(case)]
+    needed = shared_memory[case_id(case)]
     assert needed <= SM86_SHARED_MEMORY, f"needs {needed} bytes of shared memory; an sm_86 GPU has {SM86_SHARED_MEMORY}"
 
 
@@ -124,11 +109,11 @@ def test_smallest_blocked_tiles_fit_sm86(dtype):
     assert bound <= SM86_SHARED_MEMORY
 
 
-@pytest.mark.parametrize("case", LINEAR_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=case_id)
 def test_linear_attention_bound_holds(shared_memory, case):
     c = case["constexprs"]
     bound = linear_attention_triton.shared_memory_bound(c["BLOCK_N"], c["BLOCK_D"], c["BLOCK_DV"], case["num_stages"])
-    needed = shared_memory[_case_id(case)]
+    needed = shared_memory[case_id(case)]
     assert needed <= bound, f"needs {needed} bytes of shared memory, above the bound configs are chosen by ({bound})"
 
 

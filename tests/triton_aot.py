@@ -1,16 +1,25 @@
 """Ahead-of-time compilation of the Triton kernels for a GPU target, on a machine without one:
-the shared memory each kernel needs per program, as Triton's compiler allocates it.
+what each kernel needs per program, as Triton's compiler and its bundled ptxas allocate it.
 
 Triton compiles for any target without a driver (ptxas comes with it), so a CPU machine can
-check what only a GPU launch would otherwise report (OutOfResources). Run in a process without
-TRITON_INTERPRET, which would turn the kernels into interpreted functions:
+check what only a GPU would otherwise show: shared memory beyond the device's (a launch fails
+with OutOfResources) and registers spilled to local memory (a silent slowdown). Kernels are
+compiled as a launch specialises them for the layouts the package's launchers pass (tensors
+16-byte aligned, strides multiples of 16 elements, the last dim contiguous). Run in a process
+without TRITON_INTERPRET, which would turn the kernels into interpreted functions:
 ``python tests/triton_aot.py '<JSON list of cases>'`` prints one JSON result per case.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -21,6 +30,7 @@ POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 INPUT_TENSORS = {"Q", "K", "V", "OUT", "DQ", "DK", "DV_OUT", "GRAD"}
 FLOAT_BUFFERS = {"STATS", "C", "STATS_BWD", "KV_PART", "Z_PART", "KV", "Z", "DKV_PART", "DZ_PART"}
 FLOATS = {"scale", "eps"}
+ALIGNED = [["tt.divisibility", 16]]
 
 
 def _kernel(name: str):
@@ -30,31 +40,80 @@ def _kernel(name: str):
     return kernel.fn if isinstance(kernel, triton.runtime.autotuner.Autotuner) else kernel
 
 
-def shared_memory(kernel: str, dtype: str, cc: int, num_warps: int, num_stages: int, constexprs: dict) -> int:
-    """Bytes of shared memory that ``kernel`` needs per program on compute capability ``cc``."""
-    fn = _kernel(kernel)
-    signature = {}
-    for name in fn.arg_names:
+def _source(fn, dtype: str, constexprs: dict) -> ASTSource:
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in INPUT_TENSORS:
-            signature[name] = POINTER[dtype]
-        elif name in FLOAT_BUFFERS:
-            signature[name] = "*fp32"
+        elif name in INPUT_TENSORS or name in FLOAT_BUFFERS:
+            signature[name] = POINTER[dtype] if name in INPUT_TENSORS else "*fp32"
+            attrs[(index,)] = ALIGNED
         elif name in FLOATS:
             signature[name] = "fp32"
+        elif name.startswith("stride"):
+            signature[name] = "i64"
+            attrs[(index,)] = ALIGNED
         else:
-            signature[name] = "i64" if name.startswith("stride") else "i32"
-    source = ASTSource(
-        fn=fn, signature=signature,
+            signature[name] = "i32"
+    return ASTSource(
+        fn=fn, signature=signature, attrs=attrs,
         constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()},
     )
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+
+
+def resources(kernel: str, dtype: str, cc: int, num_warps: int, num_stages: int, constexprs: dict) -> dict:
+    """Shared memory (bytes per program), registers per thread and spill bytes per thread of
+    ``kernel`` compiled for compute capability ``cc``, read from ptxas' own report."""
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton's compiler prints ptxas -v,
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # which a hit in Triton's cache would skip
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(
+            _source(_kernel(kernel), dtype, constexprs), target=GPUTarget("cuda", cc, 32),
+            options=dict(num_warps=num_warps, num_stages=num_stages),
+        )
+    report = log.getvalue()
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    registers = re.search(r"Used (\d+) registers", report)
+    if spills is None or registers is None:
+        raise RuntimeError(f"no ptxas report from Triton {triton.__version__} (TRITON_DUMP_PTXAS_LOG)")
+    return dict(
+        shared=compiled.metadata.shared,
+        registers=int(registers.group(1)),
+        spill_stores=int(spills.group(1)),
+        spill_loads=int(spills.group(2)),
     )
-    return compiled.metadata.shared
+
+
+def case_id(case: dict) -> str:
+    """``kernel-sm90-bfloat16-64x64x128-w4s1`` (the tiles in the kernel's BLOCK_* order)."""
+    c = case["constexprs"]
+    names = ("BLOCK_N", "BLOCK_D", "BLOCK_DV") if "BLOCK_DV" in c else ("BLOCK_M", "BLOCK_N", "BLOCK_D")
+    tiles = "x".join(str(c[k]) for k in names if k in c)
+    flags = "".join(f"-{k.lower()}" for k, v in c.items() if v is True)
+    return f"{case['kernel']}-sm{case['cc']}-{case['dtype']}-{tiles}-w{case['num_warps']}s{case['num_stages']}{flags}"
+
+
+def compile_cases(cases: list[dict], workers: int = 2) -> dict[str, dict]:
+    """:func:`resources` of every case by its :func:`case_id`, from ``workers`` compiler
+    processes without TRITON_INTERPRET (the cases dealt out between them)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [
+        subprocess.Popen([sys.executable, str(Path(__file__)), json.dumps(cases[i::workers])], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(workers)
+    ]
+    results = {}
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"ahead-of-time compilation failed:\n{err[-3000:]}")
+        for line in out.splitlines():
+            result = json.loads(line)
+            results[case_id(result)] = result
+    return results
 
 
 if __name__ == "__main__":
     for case in json.loads(sys.argv[1]):
-        print(json.dumps({**case, "shared": shared_memory(**case)}), flush=True)
+        print(json.dumps({**case, **resources(**case)}), flush=True)

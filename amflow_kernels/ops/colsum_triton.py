@@ -24,7 +24,8 @@ score tiles of frames t−Δ, t, t+Δ are recomputed, S_t once for both pairs.
 Kernels (every program owns disjoint outputs, so nothing uses atomics and every result is
 bitwise reproducible):
 - ``colsum_fwd_resident_kernel``: a program owns one (b, p, h) and loops over row blocks
-  with whole rows on chip (N ≤ 512): one exp per score, exact row softmax, no second pass.
+  with whole rows on chip (``resident_fits``: N ≤ 256 at D = 64 in 16 bits): one exp per
+  score, exact row softmax, no second pass.
 - ``colsum_fwd_stats_kernel`` then ``colsum_fwd_cols_kernel``: any N. Row statistics with an
   online max, then a program per column block sums P over row blocks (same tiles, so the
   recomputed scores agree bit for bit).
@@ -40,15 +41,36 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_device import INTERPRET, shared_memory_limit
+from .triton_device import INTERPRET, shared_memory_limit, unit_stride_last_dim
 
 LOG2E = tl.constexpr(math.log2(math.e))
 MAX_HEAD_DIM = 256
-# The resident forward keeps BLOCK_N (all columns) × BLOCK_D keys of two frames on chip
-# (at most 64 KiB each) and two BLOCK_M × BLOCK_N fp32 score tiles in registers.
-RESIDENT_MAX_BLOCK_N = 512
-RESIDENT_MAX_KEY_TILE_BYTES = 64 * 1024
-# Blocked kernels. A dependent kernel (cols after stats, dq and dk after rowdot) runs with its
+# Registers. Triton keeps the fp32 score and accumulator tiles in registers, and with them the
+# operands of a product: on mma.sync (every sm_80 tile, sm_90 tiles under 64 rows) the loaded
+# key tile too, and for fp32 inputs, whose products run on FMAs, whole operand rows per thread
+# (so those products take D in chunks of FP32_BLOCK_K). Past 255 registers a thread spills to
+# local memory on every tile. Bounds in tile elements per thread, by the inputs' element size,
+# measured with ptxas on sm_80 and sm_90 code and held to no spill at every config they admit by
+# tests/test_triton_registers.py:
+# - resident forward: the query and key tiles, (BLOCK_M + BLOCK_N) × BLOCK_D, and the score
+#   tile, BLOCK_M × BLOCK_N ≤ 32. Whole rows stay on chip for N ≤ 256 at D = 64 in 16 bits
+#   (N ≤ 128 in fp32); longer rows take the blocked kernels.
+# - blocked kernels (the dq/dk kernels hold the most: three frames' score tiles, the fp32
+#   accumulator and the other operand of its product): max(BLOCK_M, BLOCK_N) × BLOCK_D +
+#   BLOCK_M × BLOCK_N, by architecture (sm_90's wgmma reads large tiles' keys from shared memory).
+#   Below the bound, ptxas still spills a few bytes in some configs to fit more blocks per SM;
+#   those are excluded by name (OCCUPANCY_SPILLS). In fp32 at D = 256 (and at 128 on sm_90) no
+#   candidate is left: the smallest runs and spills, as the test lists with its measured bytes.
+RESIDENT_INPUT_ELEMENTS_PER_THREAD = {2: 80, 4: 56}
+RESIDENT_SCORE_ELEMENTS_PER_THREAD = 32
+BLOCKED_TILE_ELEMENTS_PER_THREAD = {8: {2: 40, 4: 18}, 9: {2: 64, 4: 18}}  # by arch, then itemsize
+OCCUPANCY_SPILLS = {  # (arch, itemsize, BLOCK_D) → (BLOCK_M, BLOCK_N, warps) that spill 4–16 bytes
+    (9, 2, 128): [(32, 32, 4)],
+    (8, 4, 64): [(16, 16, 4)],
+    (9, 4, 128): [(16, 16, 4)],
+}
+FP32_BLOCK_K = 16
+# Shared memory. A dependent kernel (cols after stats, dq and dk after rowdot) runs with its
 # partner's tuned tiles, so both recompute bitwise-identical scores, outside the autotuner that
 # would skip a config that does not fit; so the partners' candidates are pruned to those whose
 # dependents fit the device's shared memory. The dq/dk kernels need the most: they hold three
@@ -56,6 +78,12 @@ RESIDENT_MAX_KEY_TILE_BYTES = 64 * 1024
 # code for these kernels and checked by tests/test_triton_shared_memory.py: bytes per element
 # of the larger q/k tile, max(BLOCK_M, BLOCK_N) × BLOCK_D, by the inputs' element size.
 SHARED_BYTES_PER_TILE_ELEMENT = {2: 18, 4: 24}
+# Candidates: (BLOCK_M, BLOCK_N, warps) of the blocked kernels, largest tiles first and the
+# smallest last; BLOCK_M × warps of the resident forward. Loads are masked pointer loads that
+# Triton does not pipeline, so one stage: more would only multiply the autotuner's compiles.
+BLOCKED_CONFIGS = [(128, 64, 8), (64, 128, 8), (64, 64, 8), (64, 64, 4), (32, 64, 4), (32, 32, 8), (32, 32, 4),
+                   (16, 16, 4)]
+RESIDENT_CONFIGS = [(64, 8), (32, 8), (32, 4), (16, 8), (16, 4)]
 
 
 def blocked_shared_memory_bound(block_m: int, block_n: int, block_d: int, itemsize: int) -> int:
@@ -63,28 +91,50 @@ def blocked_shared_memory_bound(block_m: int, block_n: int, block_d: int, itemsi
     return max(block_m, block_n) * block_d * SHARED_BYTES_PER_TILE_ELEMENT[itemsize]
 
 
-def _configs(block_pairs, warps, stages):
-    """Autotune candidates, largest tiles first and smallest last. Under the interpreter,
-    where timing means nothing, only the first and the last (for large head dims)."""
-    if INTERPRET:
-        block_pairs, warps, stages = [block_pairs[0], block_pairs[-1]], warps[:1], stages[:1]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn in block_pairs
-        for w in warps
-        for s in stages
-    ]
+def register_arch(device: torch.device) -> int:
+    """Which measured register bounds hold for a device: 8 (sm_80 and the other sm_8x) or 9
+    (sm_90 and later, and the interpreter)."""
+    if device.type != "cuda":
+        return 9
+    return 8 if torch.cuda.get_device_capability(device)[0] < 9 else 9
 
 
-def _fit_shared_memory(configs, named_args, **kwargs):
-    """Drop tiles whose blocked kernels would overflow the device's shared memory; if none
-    fits, the smallest runs and Triton reports OutOfResources."""
+def blocked_registers_fit(block_m: int, block_n: int, block_d: int, num_warps: int, itemsize: int,
+                          arch: int) -> bool:
+    """Whether every blocked kernel keeps these tiles in registers without spilling."""
+    if (block_m, block_n, num_warps) in OCCUPANCY_SPILLS.get((arch, itemsize, block_d), ()):
+        return False
+    elements = max(block_m, block_n) * block_d + block_m * block_n
+    return elements <= BLOCKED_TILE_ELEMENTS_PER_THREAD[arch][itemsize] * 32 * num_warps
+
+
+def resident_registers_fit(block_m: int, block_n: int, block_d: int, num_warps: int, itemsize: int) -> bool:
+    """Whether the resident forward keeps its input and score tiles in registers without spilling."""
+    threads = 32 * num_warps
+    return (
+        (block_m + block_n) * block_d <= RESIDENT_INPUT_ELEMENTS_PER_THREAD[itemsize] * threads
+        and block_m * block_n <= RESIDENT_SCORE_ELEMENTS_PER_THREAD * threads
+    )
+
+
+def _blocked_configs():
+    """Autotune candidates; under the interpreter, where timing means nothing, the largest
+    tiles, the largest fp32 ones and the smallest (for large head dims)."""
+    candidates = [BLOCKED_CONFIGS[0], (32, 32, 8), BLOCKED_CONFIGS[-1]] if INTERPRET else BLOCKED_CONFIGS
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=1) for bm, bn, w in candidates]
+
+
+def _fit_blocked(configs, named_args, **kwargs):
+    """Drop tiles whose blocked kernels would spill registers or overflow the device's shared
+    memory; if none fits, the smallest runs (and Triton reports OutOfResources)."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     q = named_args["Q"]
-    limit = shared_memory_limit(q.device)
+    limit, arch = shared_memory_limit(q.device), register_arch(q.device)
+    itemsize = q.element_size()
     fits = [
         c for c in configs
-        if blocked_shared_memory_bound(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, q.element_size()) <= limit
+        if blocked_registers_fit(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_warps, itemsize, arch)
+        and blocked_shared_memory_bound(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, itemsize) <= limit
     ]
     return fits or configs[-1:]
 
@@ -98,26 +148,24 @@ def _untimed(kernel_call, quantiles):
 def _blocked_autotune():
     """The autotune arguments shared by the blocked (any-N) kernels."""
     return dict(
-        configs=_configs([(64, 64), (128, 64), (64, 128), (32, 64), (32, 32), (16, 16)], [4, 8], [1, 2]),
+        configs=_blocked_configs(),
         key=["N", "BLOCK_D", "PAIRED"],
-        prune_configs_by={"early_config_prune": _fit_shared_memory},
+        prune_configs_by={"early_config_prune": _fit_blocked},
         do_bench=_untimed if INTERPRET else None,
     )
 
 
 def _resident_configs():
-    return [
-        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
-        for bm in ((16,) if INTERPRET else (16, 32, 64))
-        for w in ((4,) if INTERPRET else (4, 8))
-    ]
+    candidates = RESIDENT_CONFIGS[-2:-1] if INTERPRET else RESIDENT_CONFIGS
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1) for bm, w in candidates]
 
 
 def _fit_resident(configs, named_args, **kwargs):
-    """Keep the two fp32 BLOCK_M × BLOCK_N score tiles within the register file."""
+    """Keep the configs whose tiles fit the registers (``resident_fits`` made sure one does)."""
     block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_n <= 16384]
-    return kept or configs[:1]
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    itemsize = named_args["Q"].element_size()
+    return [c for c in configs if resident_registers_fit(c.kwargs["BLOCK_M"], block_n, block_d, c.num_warps, itemsize)]
 
 
 # --------------------------------------------------------------------------------------
@@ -126,9 +174,9 @@ def _fit_resident(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _load_tile(base, idx, idx_mask, stride_n, dims, dim_mask, stride_d):
-    """Rows ``idx`` of one (N, D) slice read through its strides; zeros past N and D."""
-    ptrs = base + idx.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d
+def _load_tile(base, idx, idx_mask, stride_n, dims, dim_mask):
+    """Rows ``idx`` of one (N, D) slice with unit stride along D; zeros past N and D."""
+    ptrs = base + idx.to(tl.int64)[:, None] * stride_n + dims[None, :]
     return tl.load(ptrs, mask=idx_mask[:, None] & dim_mask[None, :], other=0.0)
 
 
@@ -170,6 +218,60 @@ def _dscores(z, row_max, row_log2sum, c, g, row_mask, col_mask, PAIRED: tl.const
     return tl.where(row_mask[:, None] & col_mask[None, :], ds, 0.0)
 
 
+@triton.jit
+def _pair_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, P, offset):
+    """(program id, q and k of frame p, q and k of frame p + Δ) of the (b, p, h) program."""
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    p = (pid // H) % P
+    b = pid // (H * P)
+    q_a = Q + b * stride_qb + p * stride_qt + h * stride_qh
+    k_a = K + b * stride_kb + p * stride_kt + h * stride_kh
+    return pid, q_a, k_a, q_a + offset * stride_qt, k_a + offset * stride_kt
+
+
+@triton.jit
+def _product(acc, q, rows, row_mask, stride_qn, k, cols, col_mask, stride_kn, D,
+             NEGATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc ± Q[rows] · K[cols]ᵀ in fp32, over D in chunks of BLOCK_K, each loaded as it is
+    multiplied: an operand row holds BLOCK_K values in registers, not D (fp32 products run on
+    FMAs, whose operands Triton keeps whole per thread)."""
+    for d0 in tl.static_range(0, BLOCK_D, BLOCK_K):
+        dims = d0 + tl.arange(0, BLOCK_K)
+        dim_mask = dims < D
+        q_tile = _load_tile(q, rows, row_mask, stride_qn, dims, dim_mask)
+        if NEGATE:
+            q_tile = -q_tile
+        k_tile = _load_tile(k, cols, col_mask, stride_kn, dims, dim_mask)
+        acc = tl.dot(q_tile, tl.trans(k_tile), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _scores(q, k, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D,
+            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """S = Q[rows] · K[cols]ᵀ of one frame, fp32."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    return _product(acc, q, rows, row_mask, stride_qn, k, cols, col_mask, stride_kn, D, False, PRECISION,
+                    BLOCK_D, BLOCK_K)
+
+
+@triton.jit
+def _pair_scores(q_a, k_a, q_b, k_b, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D,
+                 PAIRED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """S_p − S_{p+Δ} (PAIRED) or S_p of a tile, each frame's product formed on its own, as the
+    backward forms them to share a frame's product between its two pairs: every blocked kernel
+    recomputes bitwise the same scores."""
+    s = _scores(q_a, k_a, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D, PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
+    if PAIRED:
+        s -= _scores(q_b, k_b, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D, PRECISION,
+                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
+    return s
+
+
 # --------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------
@@ -183,48 +285,38 @@ def _dscores(z, row_max, row_log2sum, c, g, row_mask, col_mask, PAIRED: tl.const
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_fwd_resident_kernel(
     Q, K, OUT, STATS,
-    stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
+    stride_qb, stride_qt, stride_qh, stride_qn,
+    stride_kb, stride_kt, stride_kh, stride_kn,
     H, P, N, D, offset, scale,
     PAIRED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[b, p, h, :] = Σ_i softmax_j(x)[i, :] for one (b, p, h), all N columns on chip.
 
     Grid: (B·P·H,). Each row block's scores z = scale·(Q_p K_pᵀ − Q_{p+Δ} K_{p+Δ}ᵀ)
     (or scale·Q_p K_pᵀ) span every column, so the row softmax is exact in one pass;
-    its column sums accumulate in registers across row blocks.
+    its column sums accumulate in registers across row blocks. The paired difference is one
+    product accumulated over both frames, [Q_p, −Q_{p+Δ}]·[K_p, K_{p+Δ}]ᵀ: a single fp32 score
+    tile is live.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
-    p = (pid // H) % P
-    b = pid // (H * P)
-    q_a = Q + b * stride_qb + p * stride_qt + h * stride_qh
-    k_a = K + b * stride_kb + p * stride_kt + h * stride_kh
-    q_b = q_a + offset * stride_qt
-    k_b = k_a + offset * stride_kt
-
+    pid, q_a, k_a, q_b, k_b = _pair_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                                          H, P, offset)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
     colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < N
-        q = _load_tile(q_a, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
-        k = _load_tile(k_a, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = _scores(q_a, k_a, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D, PRECISION,
+                    BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
         if PAIRED:
-            q = _load_tile(q_b, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
-            k = _load_tile(k_b, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
-            s -= tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            s = _product(s, q_b, rows, row_mask, stride_qn, k_b, cols, col_mask, stride_kn, D, True, PRECISION,
+                         BLOCK_D, BLOCK_K)
         x = _logits(s * scale, col_mask, PAIRED)
         row_max = tl.max(x, 1)
         e = tl.exp2((x - row_max[:, None]) * LOG2E)
         row_sum = tl.sum(e, 1)
-        prob = e * (1.0 / row_sum)[:, None]
-        colsum += tl.sum(tl.where(row_mask[:, None], prob, 0.0), 0)
+        colsum += tl.sum(e * tl.where(row_mask, 1.0 / row_sum, 0.0)[:, None], 0)
         _store_stats(STATS, pid * N, rows, row_mask, row_max, tl.log2(row_sum))
     tl.store(OUT + pid * N + cols, colsum.to(OUT.dtype.element_ty), mask=col_mask)
 
@@ -233,44 +325,28 @@ def colsum_fwd_resident_kernel(
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_fwd_stats_kernel(
     Q, K, STATS,
-    stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
+    stride_qb, stride_qt, stride_qh, stride_qn,
+    stride_kb, stride_kt, stride_kh, stride_kn,
     H, P, N, D, offset, scale,
     PAIRED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """stats[b, p, h, i] = (m_i, log2 Σ_j 2^{(x_ij − m_i)·log2 e}) for a row block.
 
     Grid: (B·P·H, ⌈N / BLOCK_M⌉). Online over column blocks with a running max m and sum
     s: s ← s·2^{(m − m')·log2 e} + Σ_j 2^{(x_ij − m')·log2 e}.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
-    p = (pid // H) % P
-    b = pid // (H * P)
-    q_a = Q + b * stride_qb + p * stride_qt + h * stride_qh
-    k_a = K + b * stride_kb + p * stride_kt + h * stride_kh
-    q_b = q_a + offset * stride_qt
-    k_b = k_a + offset * stride_kt
-
+    pid, q_a, k_a, q_b, k_b = _pair_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                                          H, P, offset)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
-    qa = _load_tile(q_a, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
-    qb = qa
-    if PAIRED:
-        qb = _load_tile(q_b, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        k = _load_tile(k_a, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
-        s = tl.dot(qa, tl.trans(k), input_precision=PRECISION)
-        if PAIRED:
-            k = _load_tile(k_b, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
-            s -= tl.dot(qb, tl.trans(k), input_precision=PRECISION)
+        s = _pair_scores(q_a, k_a, q_b, k_b, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D, PAIRED,
+                         PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
         x = _logits(s * scale, col_mask, PAIRED)
         new_max = tl.maximum(row_max, tl.max(x, 1))
         row_sum = row_sum * tl.exp2((row_max - new_max) * LOG2E) + tl.sum(
@@ -283,11 +359,11 @@ def colsum_fwd_stats_kernel(
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_fwd_cols_kernel(
     Q, K, STATS, OUT,
-    stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
+    stride_qb, stride_qt, stride_qh, stride_qn,
+    stride_kb, stride_kt, stride_kh, stride_kn,
     H, P, N, D, offset, scale,
     PAIRED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[b, p, h, j] = Σ_i P_ij for a column block, over row blocks, from the saved stats.
 
@@ -295,32 +371,16 @@ def colsum_fwd_cols_kernel(
     Launched with the tile config the stats kernel was tuned to, so both passes recompute
     bitwise-identical scores and every row of P sums to 1 even when |S| is large.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
-    p = (pid // H) % P
-    b = pid // (H * P)
-    q_a = Q + b * stride_qb + p * stride_qt + h * stride_qh
-    k_a = K + b * stride_kb + p * stride_kt + h * stride_kh
-    q_b = q_a + offset * stride_qt
-    k_b = k_a + offset * stride_kt
-
+    pid, q_a, k_a, q_b, k_b = _pair_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                                          H, P, offset)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
-    ka = _load_tile(k_a, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
-    kb = ka
-    if PAIRED:
-        kb = _load_tile(k_b, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
     colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < N
-        q = _load_tile(q_a, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
-        s = tl.dot(q, tl.trans(ka), input_precision=PRECISION)
-        if PAIRED:
-            q = _load_tile(q_b, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
-            s -= tl.dot(q, tl.trans(kb), input_precision=PRECISION)
+        s = _pair_scores(q_a, k_a, q_b, k_b, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D, PAIRED,
+                         PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
         row_max, row_log2sum = _load_stats(STATS, pid * N, rows, row_mask)
         prob = _probs(_logits(s * scale, col_mask, PAIRED), row_max, row_log2sum)
         colsum += tl.sum(tl.where(row_mask[:, None], prob, 0.0), 0)
@@ -336,11 +396,11 @@ def colsum_fwd_cols_kernel(
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_bwd_rowdot_kernel(
     Q, K, STATS, GRAD, C, STATS_BWD,
-    stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
+    stride_qb, stride_qt, stride_qh, stride_qn,
+    stride_kb, stride_kt, stride_kh, stride_kn,
     H, P, N, D, offset, scale,
     PAIRED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """c[b, p, h, i] = Σ_j P_ij g_j / Σ_j P_ij, the softmax-backward row term, for a row block.
 
@@ -351,34 +411,18 @@ def colsum_bwd_rowdot_kernel(
     stats_bwd = (m, l + log2 mass) is what the dq/dk kernels (launched with these tiles, so
     recomputing the same scores) normalise by.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
-    p = (pid // H) % P
-    b = pid // (H * P)
-    q_a = Q + b * stride_qb + p * stride_qt + h * stride_qh
-    k_a = K + b * stride_kb + p * stride_kt + h * stride_kh
-    q_b = q_a + offset * stride_qt
-    k_b = k_a + offset * stride_kt
-
+    pid, q_a, k_a, q_b, k_b = _pair_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                                          H, P, offset)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
-    qa = _load_tile(q_a, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
-    qb = qa
-    if PAIRED:
-        qb = _load_tile(q_b, rows, row_mask, stride_qn, dims, dim_mask, stride_qd)
     row_max, row_log2sum = _load_stats(STATS, pid * N, rows, row_mask)
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        k = _load_tile(k_a, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
-        s = tl.dot(qa, tl.trans(k), input_precision=PRECISION)
-        if PAIRED:
-            k = _load_tile(k_b, cols, col_mask, stride_kn, dims, dim_mask, stride_kd)
-            s -= tl.dot(qb, tl.trans(k), input_precision=PRECISION)
+        s = _pair_scores(q_a, k_a, q_b, k_b, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D, PAIRED,
+                         PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
         prob = _probs(_logits(s * scale, col_mask, PAIRED), row_max, row_log2sum)
         g = tl.load(GRAD + pid * N + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc += tl.sum(tl.where(col_mask[None, :], prob * g[None, :], 0.0), 1)
@@ -397,43 +441,31 @@ def _pair_dscores(z, base, STATS, C, GRAD, rows, row_mask, cols, col_mask, PAIRE
 
 
 @triton.jit
-def _frame_tiles(base, stride_t, idx, idx_mask, stride_n, dims, dim_mask, stride_d, t, P, offset,
-                 PAIRED: tl.constexpr):
-    """Tiles of frames t−Δ, t and t+Δ (the frames paired with t); ``cur`` stands in for a
-    frame that does not exist (its pair is skipped by ``_frame_dscores``)."""
-    cur = _load_tile(base, idx, idx_mask, stride_n, dims, dim_mask, stride_d)
-    prev = cur
-    succ = cur
-    if PAIRED:
-        if t >= offset:
-            prev = _load_tile(base - offset * stride_t, idx, idx_mask, stride_n, dims, dim_mask, stride_d)
-        if t < P:
-            succ = _load_tile(base + offset * stride_t, idx, idx_mask, stride_n, dims, dim_mask, stride_d)
-    return prev, cur, succ
-
-
-@triton.jit
 def _frame_dscores(
-    q_prev, q_cur, q_next, k_prev, k_cur, k_next, t, P, offset, stat_prev, stat_cur,
-    STATS, C, GRAD, rows, row_mask, cols, col_mask, scale,
-    PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+    q_t, k_t, stride_qt, stride_kt, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D,
+    t, P, offset, stat_prev, stat_cur, STATS, C, GRAD, scale,
+    PAIRED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """E_t tile = ∂L/∂z^(t) − ∂L/∂z^(t−Δ) of frame t (rows × cols), scores recomputed.
 
-    S_t is formed once for both pairs. ``stat_cur``/``stat_prev`` index the (b, p, h) rows
-    of stats, c and g for pairs t and t−Δ. Not PAIRED: E_t = ∂L/∂z^(t), the plain
-    softmax-colsum score gradient.
+    S_t is formed once for both pairs, S_{t+Δ} and S_{t−Δ} where the pairs exist.
+    ``stat_cur``/``stat_prev`` index the (b, p, h) rows of stats, c and g for pairs t and t−Δ.
+    Not PAIRED: E_t = ∂L/∂z^(t), the plain softmax-colsum score gradient.
     """
-    s_cur = tl.dot(q_cur, tl.trans(k_cur), input_precision=PRECISION)
+    s_cur = _scores(q_t, k_t, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D, PRECISION,
+                    BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
     if PAIRED:
-        e = tl.zeros(s_cur.shape, dtype=tl.float32)
+        e = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if t < P:
-            s_next = tl.dot(q_next, tl.trans(k_next), input_precision=PRECISION)
+            s_next = _scores(q_t + offset * stride_qt, k_t + offset * stride_kt, rows, row_mask, stride_qn,
+                             cols, col_mask, stride_kn, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
             e += _pair_dscores(
                 (s_cur - s_next) * scale, stat_cur, STATS, C, GRAD, rows, row_mask, cols, col_mask, True
             )
         if t >= offset:
-            s_prev = tl.dot(q_prev, tl.trans(k_prev), input_precision=PRECISION)
+            s_prev = _scores(q_t - offset * stride_qt, k_t - offset * stride_kt, rows, row_mask, stride_qn,
+                             cols, col_mask, stride_kn, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
             e -= _pair_dscores(
                 (s_prev - s_cur) * scale, stat_prev, STATS, C, GRAD, rows, row_mask, cols, col_mask, True
             )
@@ -442,47 +474,50 @@ def _frame_dscores(
     return e
 
 
-@triton.jit(do_not_specialize=["N", "offset"])
-def colsum_bwd_dq_kernel(
-    Q, K, STATS, GRAD, C, DQ,
-    stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
-    H, T, P, N, D, offset, scale,
-    PAIRED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dQ_t[rows] = scale · Σ_j E_t[rows, j] K_t[j] for a row block of frame t.
-
-    Grid: (B·T·H, ⌈N / BLOCK_M⌉). DQ is contiguous (B, T, H, N, D).
-    """
+@triton.jit
+def _frame_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, T, P, N, offset):
+    """(program id, frame t, q and k of frame t, stats rows of pairs t and t − Δ) of the
+    (b, t, h) program."""
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
     t = (pid // H) % T
     b = pid // (H * T)
     q_t = Q + b * stride_qb + t * stride_qt + h * stride_qh
     k_t = K + b * stride_kb + t * stride_kt + h * stride_kh
-    stat_cur = ((b * P + t) * H + h) * N
-    stat_prev = ((b * P + t - offset) * H + h) * N
+    return pid, t, q_t, k_t, ((b * P + t) * H + h) * N, ((b * P + t - offset) * H + h) * N
 
+
+@triton.jit(do_not_specialize=["N", "offset"])
+def colsum_bwd_dq_kernel(
+    Q, K, STATS, GRAD, C, DQ,
+    stride_qb, stride_qt, stride_qh, stride_qn,
+    stride_kb, stride_kt, stride_kh, stride_kn,
+    H, T, P, N, D, offset, scale,
+    PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dQ_t[rows] = scale · Σ_j E_t[rows, j] K_t[j] for a row block of frame t.
+
+    Grid: (B·T·H, ⌈N / BLOCK_M⌉). DQ is contiguous (B, T, H, N, D).
+    """
+    pid, t, q_t, k_t, stat_cur, stat_prev = _frame_bases(
+        Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, T, P, N, offset
+    )
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    q_prev, q_cur, q_next = _frame_tiles(
-        q_t, stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd, t, P, offset, PAIRED
-    )
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        k_prev, k_cur, k_next = _frame_tiles(
-            k_t, stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd, t, P, offset, PAIRED
-        )
         e = _frame_dscores(
-            q_prev, q_cur, q_next, k_prev, k_cur, k_next, t, P, offset, stat_prev, stat_cur,
-            STATS, C, GRAD, rows, row_mask, cols, col_mask, scale, PAIRED, PRECISION,
+            q_t, k_t, stride_qt, stride_kt, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D,
+            t, P, offset, stat_prev, stat_cur, STATS, C, GRAD, scale,
+            PAIRED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K,
         )
-        acc += tl.dot(e.to(k_cur.dtype), k_cur, input_precision=PRECISION)
+        k = _load_tile(k_t, cols, col_mask, stride_kn, dims, dim_mask)
+        acc += tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
     dq = DQ + pid * N * D + rows.to(tl.int64)[:, None] * D + dims[None, :]
     tl.store(dq, (acc * scale).to(DQ.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
@@ -490,44 +525,34 @@ def colsum_bwd_dq_kernel(
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_bwd_dk_kernel(
     Q, K, STATS, GRAD, C, DK,
-    stride_qb, stride_qt, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kn, stride_kd,
+    stride_qb, stride_qt, stride_qh, stride_qn,
+    stride_kb, stride_kt, stride_kh, stride_kn,
     H, T, P, N, D, offset, scale,
     PAIRED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dK_t[cols] = scale · Σ_i E_t[i, cols]ᵀ Q_t[i] for a column block of frame t.
 
     Grid: (B·T·H, ⌈N / BLOCK_N⌉). DK is contiguous (B, T, H, N, D).
     """
-    pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
-    t = (pid // H) % T
-    b = pid // (H * T)
-    q_t = Q + b * stride_qb + t * stride_qt + h * stride_qh
-    k_t = K + b * stride_kb + t * stride_kt + h * stride_kh
-    stat_cur = ((b * P + t) * H + h) * N
-    stat_prev = ((b * P + t - offset) * H + h) * N
-
+    pid, t, q_t, k_t, stat_cur, stat_prev = _frame_bases(
+        Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, T, P, N, offset
+    )
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    k_prev, k_cur, k_next = _frame_tiles(
-        k_t, stride_kt, cols, col_mask, stride_kn, dims, dim_mask, stride_kd, t, P, offset, PAIRED
-    )
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < N
-        q_prev, q_cur, q_next = _frame_tiles(
-            q_t, stride_qt, rows, row_mask, stride_qn, dims, dim_mask, stride_qd, t, P, offset, PAIRED
-        )
         e = _frame_dscores(
-            q_prev, q_cur, q_next, k_prev, k_cur, k_next, t, P, offset, stat_prev, stat_cur,
-            STATS, C, GRAD, rows, row_mask, cols, col_mask, scale, PAIRED, PRECISION,
+            q_t, k_t, stride_qt, stride_kt, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D,
+            t, P, offset, stat_prev, stat_cur, STATS, C, GRAD, scale,
+            PAIRED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K,
         )
-        acc += tl.dot(tl.trans(e).to(q_cur.dtype), q_cur, input_precision=PRECISION)
+        q = _load_tile(q_t, rows, row_mask, stride_qn, dims, dim_mask)
+        acc += tl.dot(tl.trans(e).to(q.dtype), q, input_precision=PRECISION)
     dk = DK + pid * N * D + cols.to(tl.int64)[:, None] * D + dims[None, :]
     tl.store(dk, (acc * scale).to(DK.dtype.element_ty), mask=col_mask[:, None] & dim_mask[None, :])
 
@@ -543,6 +568,13 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def block_k(head_dim: int, dtype: torch.dtype) -> int:
+    """The chunk of D a score product loads and multiplies at a time: all of it on tensor cores
+    (16-bit inputs), FP32_BLOCK_K on FMAs (fp32)."""
+    block_d = _block_d(head_dim)
+    return min(block_d, FP32_BLOCK_K) if dtype == torch.float32 else block_d
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs get true fp32 products: TF32 would lose the small differences
     # S_t − S_{t+Δ} of two large score maps.
@@ -551,9 +583,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 def resident_fits(n: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether whole score rows of an (N, D) problem fit on chip for the one-pass forward."""
-    block_n = max(16, triton.next_power_of_2(n))
-    key_tile_bytes = block_n * _block_d(head_dim) * dtype.itemsize
-    return block_n <= RESIDENT_MAX_BLOCK_N and key_tile_bytes <= RESIDENT_MAX_KEY_TILE_BYTES
+    block_n, block_d = max(16, triton.next_power_of_2(n)), _block_d(head_dim)
+    return any(resident_registers_fit(bm, block_n, block_d, w, dtype.itemsize) for bm, w in RESIDENT_CONFIGS)
 
 
 def _prefer_resident(q: torch.Tensor, programs: int) -> bool:
@@ -566,12 +597,17 @@ def _prefer_resident(q: torch.Tensor, programs: int) -> bool:
     return programs >= 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
 
 
-def _shape_args(q, k, offset, scale, paired):
+def _strides(q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
+    """The (b, t, h, n) strides of q and k that every kernel takes."""
+    return (*q.stride()[:4], *k.stride()[:4])
+
+
+def _shape_args(q, offset, scale, paired):
     """The keyword arguments every kernel takes after its strides."""
     _, _, h, n, d = q.shape
     return dict(
         H=h, N=n, D=d, offset=offset if paired else 0, scale=scale,
-        PAIRED=paired, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d),
+        PAIRED=paired, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d), BLOCK_K=block_k(d, q.dtype),
     )
 
 
@@ -584,6 +620,7 @@ def colsum_fwd(
     fp32, P = T − offset if ``paired`` else T. The one-pass (resident) or the two-pass
     kernels run as ``_prefer_resident`` decides.
     """
+    q, k = unit_stride_last_dim(q), unit_stride_last_dim(k)
     b, t, h, n, _ = q.shape
     p = t - offset if paired else t
     out = torch.empty((b, p, h, n), dtype=q.dtype, device=q.device)
@@ -591,8 +628,8 @@ def colsum_fwd(
     programs = b * p * h
     if programs == 0:
         return out, stats
-    strides = (*q.stride(), *k.stride())
-    c = _shape_args(q, k, offset, scale, paired)
+    strides = _strides(q, k)
+    c = _shape_args(q, offset, scale, paired)
     if _prefer_resident(q, programs):
         block_n = max(16, triton.next_power_of_2(n))
         colsum_fwd_resident_kernel[(programs,)](q, k, out, stats, *strides, P=p, BLOCK_N=block_n, **c)
@@ -613,6 +650,7 @@ def colsum_bwd(
     offset: int, paired: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of :func:`colsum_fwd`: (dq, dk), contiguous (B, T, H, N, D) in q's dtype."""
+    q, k = unit_stride_last_dim(q), unit_stride_last_dim(k)
     b, t, h, n, _ = q.shape
     p = stats.shape[1]
     grad = grad.contiguous()
@@ -622,8 +660,8 @@ def colsum_bwd(
     stats_bwd = torch.empty_like(stats)
     if b * p * h == 0:
         return dq.zero_(), dk.zero_()
-    strides = (*q.stride(), *k.stride())
-    c = _shape_args(q, k, offset, scale, paired)
+    strides = _strides(q, k)
+    c = _shape_args(q, offset, scale, paired)
     pairs = b * p * h
     frames = b * t * h
     colsum_bwd_rowdot_kernel[lambda meta: (pairs, triton.cdiv(n, meta["BLOCK_M"]))](

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_device import shared_memory_limit
+from .triton_device import shared_memory_limit, unit_stride_last_dim
 
 MAX_HEAD_DIM = 128  # D and Dv: the D × Dv fp32 state lives in registers
 
@@ -73,9 +73,9 @@ def _head_base(X, bh, H, stride_b, stride_h):
 
 
 @triton.jit
-def _load_tile(base, rows, row_mask, stride_n, cols, col_mask, stride_c):
-    """Rows of one (N, C) slice read through its strides, in fp32; zeros past N and C."""
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_c
+def _load_tile(base, rows, row_mask, stride_n, cols, col_mask):
+    """Rows of one (N, C) slice with unit stride along C, in fp32; zeros past N and C."""
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_n + cols[None, :]
     return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
 
 
@@ -101,8 +101,8 @@ def _sum_partials(KV_PART, Z_PART, bh, BH, PARTS, D, DV, dims, d_mask, vdims, e_
 @triton.jit
 def linear_attention_state_kernel(
     K, V, KV_PART, Z_PART,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_ve,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
     H, NK, D, DV, BH, CHUNK,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -121,9 +121,9 @@ def linear_attention_state_kernel(
     for n0 in range(start, tl.minimum(start + CHUNK, NK), BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < NK
-        k = _load_tile(k_base, rows, row_mask, stride_kn, dims, d_mask, stride_kd)
+        k = _load_tile(k_base, rows, row_mask, stride_kn, dims, d_mask)
         phi_k = tl.where(row_mask[:, None] & d_mask[None, :], _phi(k), 0.0)
-        v = _load_tile(v_base, rows, row_mask, stride_vn, vdims, e_mask, stride_ve)
+        v = _load_tile(v_base, rows, row_mask, stride_vn, vdims, e_mask)
         kv += tl.dot(tl.trans(phi_k), v, input_precision=PRECISION)
         z += tl.sum(phi_k, axis=0)
     index = chunk * BH + bh
@@ -134,7 +134,7 @@ def linear_attention_state_kernel(
 @triton.jit
 def linear_attention_out_kernel(
     Q, KV_PART, Z_PART, OUT, KV, Z,
-    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_qb, stride_qh, stride_qn,
     H, NQ, D, DV, BH, PARTS, CHUNK, eps,
     STORE_STATE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -157,7 +157,7 @@ def linear_attention_out_kernel(
     for n0 in range(start, tl.minimum(start + CHUNK, NQ), BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < NQ
-        q = _load_tile(q_base, rows, row_mask, stride_qn, dims, d_mask, stride_qd)
+        q = _load_tile(q_base, rows, row_mask, stride_qn, dims, d_mask)
         phi_q = tl.where(row_mask[:, None] & d_mask[None, :], _phi(q), 0.0)
         numerator = tl.dot(phi_q, kv, input_precision=PRECISION)
         den = tl.where(row_mask, tl.sum(phi_q * z[None, :], axis=1) + eps, 1.0)
@@ -169,7 +169,7 @@ def linear_attention_out_kernel(
 @triton.jit
 def linear_attention_bwd_q_kernel(
     Q, GRAD, KV, Z, DQ, DKV_PART, DZ_PART,
-    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_qb, stride_qh, stride_qn,
     H, NQ, D, DV, BH, CHUNK, eps,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -193,9 +193,9 @@ def linear_attention_bwd_q_kernel(
     for n0 in range(start, tl.minimum(start + CHUNK, NQ), BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < NQ
-        q = _load_tile(q_base, rows, row_mask, stride_qn, dims, d_mask, stride_qd)
+        q = _load_tile(q_base, rows, row_mask, stride_qn, dims, d_mask)
         phi_q = tl.where(row_mask[:, None] & d_mask[None, :], _phi(q), 0.0)
-        g = _load_tile(grad_base, rows, row_mask, DV, vdims, e_mask, 1)
+        g = _load_tile(grad_base, rows, row_mask, DV, vdims, e_mask)
         den = tl.where(row_mask, tl.sum(phi_q * z[None, :], axis=1) + eps, 1.0)
         kv_g = tl.dot(g, tl.trans(kv), input_precision=PRECISION)
         u = g / den[:, None]
@@ -214,8 +214,8 @@ def linear_attention_bwd_q_kernel(
 @triton.jit
 def linear_attention_bwd_kv_kernel(
     K, V, DKV_PART, DZ_PART, DK, DV_OUT,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_ve,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
     H, NK, D, DV, BH, PARTS, CHUNK,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -236,9 +236,9 @@ def linear_attention_bwd_kv_kernel(
     for n0 in range(start, tl.minimum(start + CHUNK, NK), BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < NK
-        k = _load_tile(k_base, rows, row_mask, stride_kn, dims, d_mask, stride_kd)
+        k = _load_tile(k_base, rows, row_mask, stride_kn, dims, d_mask)
         phi_k = tl.where(row_mask[:, None] & d_mask[None, :], _phi(k), 0.0)
-        v = _load_tile(v_base, rows, row_mask, stride_vn, vdims, e_mask, stride_ve)
+        v = _load_tile(v_base, rows, row_mask, stride_vn, vdims, e_mask)
         dk = (tl.dot(v, tl.trans(dkv), input_precision=PRECISION) + dz[None, :]) * _phi_slope(phi_k)
         dv = tl.dot(phi_k, dkv, input_precision=PRECISION)
         rows64 = rows.to(tl.int64)[:, None]
@@ -305,6 +305,7 @@ def linear_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, kv, z) for q, k (B, H, N, D) and v (B, H, Nk, Dv) of any strides: out (B, H, Nq, Dv)
     in q's dtype, and the fp32 state kv (B, H, D, Dv), z (B, H, D) saved for the backward."""
+    q, k, v = unit_stride_last_dim(q), unit_stride_last_dim(k), unit_stride_last_dim(v)
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
     launch = _Launch(q, v)
@@ -315,11 +316,11 @@ def linear_attention_fwd(
     parts, chunk = launch.chunks(nk)
     kv_part, z_part = (kv, z) if parts == 1 else _state_buffers(parts, launch.heads, d, dv, q.device)
     linear_attention_state_kernel[(launch.heads, parts)](
-        k, v, kv_part, z_part, *k.stride(), *v.stride(), h, nk, d, dv, launch.heads, chunk, **launch.meta()
+        k, v, kv_part, z_part, *k.stride()[:3], *v.stride()[:3], h, nk, d, dv, launch.heads, chunk, **launch.meta()
     )
     out_chunks, out_chunk = launch.chunks(nq)
     linear_attention_out_kernel[(launch.heads, out_chunks)](
-        q, kv_part, z_part, out, kv, z, *q.stride(), h, nq, d, dv, launch.heads, parts, out_chunk, eps,
+        q, kv_part, z_part, out, kv, z, *q.stride()[:3], h, nq, d, dv, launch.heads, parts, out_chunk, eps,
         STORE_STATE=parts > 1, **launch.meta(),
     )
     return out, kv.view(b, h, d, dv), z.view(b, h, d)
@@ -330,6 +331,7 @@ def linear_attention_bwd(
     kv: torch.Tensor, z: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of :func:`linear_attention_fwd`, contiguous, in q's dtype."""
+    q, k, v = unit_stride_last_dim(q), unit_stride_last_dim(k), unit_stride_last_dim(v)
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
     launch = _Launch(q, v)
@@ -342,12 +344,12 @@ def linear_attention_bwd(
     parts, chunk = launch.chunks(nq)
     dkv_part, dz_part = _state_buffers(parts, launch.heads, d, dv, q.device)
     linear_attention_bwd_q_kernel[(launch.heads, parts)](
-        q, grad, kv, z, dq, dkv_part, dz_part, *q.stride(), h, nq, d, dv, launch.heads, chunk, eps,
+        q, grad, kv, z, dq, dkv_part, dz_part, *q.stride()[:3], h, nq, d, dv, launch.heads, chunk, eps,
         **launch.meta(),
     )
     kv_chunks, kv_chunk = launch.chunks(nk)
     linear_attention_bwd_kv_kernel[(launch.heads, kv_chunks)](
-        k, v, dkv_part, dz_part, dk, dv_out, *k.stride(), *v.stride(), h, nk, d, dv, launch.heads, parts,
+        k, v, dkv_part, dz_part, dk, dv_out, *k.stride()[:3], *v.stride()[:3], h, nk, d, dv, launch.heads, parts,
         kv_chunk, **launch.meta(),
     )
     return dq, dk, dv_out

@@ -1,5 +1,6 @@
 """What the Triton kernels' launch choices depend on besides the shapes: whether Triton's
-interpreter runs them, and how much shared memory a program may take on the device."""
+interpreter runs them, how much shared memory a program may take on the device, and the
+layout the kernels read."""
 
 from __future__ import annotations
 
@@ -21,3 +22,10 @@ def shared_memory_limit(device: torch.device) -> int:
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def unit_stride_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim has unit stride (every layout timm produces, views of a fused
+    qkv included), else a copy. The kernels take no stride for it: their loads of a row are
+    contiguous and vectorise, and what ``tests/triton_aot.py`` compiles is what runs."""
+    return x if x.stride(-1) == 1 else x.contiguous()

@@ -1,0 +1,117 @@
+"""Registers of the Triton colsum kernels (AM flow, attention colsum) on sm_80 and sm_90,
+compiled ahead of time on this machine.
+
+A thread that needs more than the register file gives it (255 registers) spills to local
+memory, a silent slowdown on every tile. Triton compiles for any GPU without one and its
+bundled ptxas reports registers and spills (tests/triton_aot.py), so this holds every config
+that the autotuners and launchers can choose to no spill, on the code a launch compiles
+(tensors 16-byte aligned, strides multiples of 16, unit stride along the head dim):
+
+- the resident forward: every (BLOCK_M, warps) candidate at the widest rows that
+  ``resident_registers_fit`` admits it for, per head-dim tile and dtype;
+- the blocked kernels (stats, cols, rowdot, dq, dk): every candidate tile and warp count that
+  ``blocked_registers_fit`` admits, per head-dim tile and dtype.
+
+Register allocation grows with a tile, so a config checked at its largest admitted tile holds
+at the smaller ones. Paired (AM flow) only: attention colsum runs the same code with the second
+frame's loads and products left out. Head-dim tiles 32, 64, 128 and 256 cover every supported
+head dim (80 runs on 128). bfloat16 and float32 everywhere; float16, whose code differs from
+bfloat16's only in its conversions, at the common head dim 64. The one config that runs and
+spills, where no candidate fits, is listed (``SPILLING_CASES``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+from triton_aot import case_id, compile_cases
+
+from amflow_kernels.ops import colsum_triton
+
+ARCHS = (80, 90)
+PRECISION = {"float32": "ieee", "bfloat16": "tf32", "float16": "tf32"}
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+BLOCK_DS = (32, 64, 128, 256)
+BLOCKED_KERNELS = ("stats", "cols", "rowdot", "dq", "dk")
+
+
+def _dtypes(block_d: int) -> tuple[str, ...]:
+    return ("bfloat16", "float32", "float16") if block_d == 64 else ("bfloat16", "float32")
+
+
+def _case(kernel: str, cc: int, dtype: str, num_warps: int, **constexprs) -> dict:
+    block_k = colsum_triton.block_k(constexprs["BLOCK_D"], getattr(torch, dtype))
+    return dict(kernel=kernel, dtype=dtype, cc=cc, num_warps=num_warps, num_stages=1,
+                constexprs=dict(PRECISION=PRECISION[dtype], BLOCK_K=block_k, **constexprs))
+
+
+def _blocked_kernel(name: str) -> str:
+    return f"colsum_{'fwd' if name in ('stats', 'cols') else 'bwd'}_{name}_kernel"
+
+
+def _blocked_fits(cc: int, block_d: int, dtype: str) -> list[tuple[int, int, int]]:
+    return [(bm, bn, w) for bm, bn, w in colsum_triton.BLOCKED_CONFIGS
+            if colsum_triton.blocked_registers_fit(bm, bn, block_d, w, ITEMSIZE[dtype], cc // 10)]
+
+
+def _widest_resident_rows(block_m: int, block_d: int, num_warps: int, dtype: str) -> int | None:
+    itemsize = ITEMSIZE[dtype]
+    widths = [2**i for i in range(4, 12)
+              if colsum_triton.resident_registers_fit(block_m, 2**i, block_d, num_warps, itemsize)]
+    return widths[-1] if widths else None
+
+
+RESIDENT_CASES = [
+    _case("colsum_fwd_resident_kernel", cc, dtype, warps, PAIRED=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    for cc in ARCHS
+    for bd in BLOCK_DS
+    for dtype in _dtypes(bd)
+    for bm, warps in colsum_triton.RESIDENT_CONFIGS
+    if (bn := _widest_resident_rows(bm, bd, warps, dtype)) is not None
+]
+BLOCKED_CASES = [
+    _case(_blocked_kernel(kernel), cc, dtype, warps, PAIRED=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    for cc in ARCHS
+    for bd in BLOCK_DS
+    for dtype in _dtypes(bd)
+    for bm, bn, warps in _blocked_fits(cc, bd, dtype) or colsum_triton.BLOCKED_CONFIGS[-1:]
+    for kernel in BLOCKED_KERNELS
+]
+# Where no candidate is left, fp32 at D = 256 (and at 128 on sm_90), the smallest tile runs and
+# may spill: the most bytes of spill stores per thread measured over the five kernels (fp32's
+# products run on FMAs, and a 16 × 16 tile is Triton's smallest). Anything else must not spill.
+FALLBACK_SPILLS = {(90, 128): 16, (90, 256): 28, (80, 256): 0}
+CASES = RESIDENT_CASES + BLOCKED_CASES
+
+
+@pytest.fixture(scope="module")
+def usage():
+    """Registers and spills per case id."""
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip(reason="this Triton has no NVIDIA backend to compile for")
+    return compile_cases(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_no_register_spills(usage, case):
+    result = usage[case_id(case)]
+    c = case["constexprs"]
+    fallback = not _blocked_fits(case["cc"], c["BLOCK_D"], case["dtype"]) and "resident" not in case["kernel"]
+    allowed = FALLBACK_SPILLS[(case["cc"], c["BLOCK_D"])] if fallback else 0
+    assert result["spill_stores"] <= allowed and result["spill_loads"] <= max(allowed, result["spill_stores"]), (
+        f"{result['registers']} registers and {result['spill_stores']} bytes of spill stores "
+        f"({result['spill_loads']} of loads) per thread; {allowed} allowed"
+    )
+
+
+@pytest.mark.parametrize("cc", ARCHS, ids=lambda cc: f"sm{cc}")
+def test_every_head_dim_keeps_a_config(cc):
+    """Pruning by registers leaves every head-dim tile a blocked config in 16 bits, and fp32 but
+    where FALLBACK_SPILLS lists it; and the resident forward rows of at least 64 tokens in 16
+    bits, 32 in fp32."""
+    for bd in BLOCK_DS:
+        assert _blocked_fits(cc, bd, "bfloat16")
+        assert _blocked_fits(cc, bd, "float32") or (cc, bd) in FALLBACK_SPILLS
+        assert colsum_triton.resident_fits(64, bd, torch.bfloat16)
+        assert colsum_triton.resident_fits(32, bd, torch.float32)
