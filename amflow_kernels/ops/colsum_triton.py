@@ -219,14 +219,19 @@ def _dscores(z, row_max, row_log2sum, c, g, row_mask, col_mask, PAIRED: tl.const
 
 
 @triton.jit
-def _pair_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, P, offset):
-    """(program id, q and k of frame p, q and k of frame p + Δ) of the (b, p, h) program."""
+def _frame_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, F):
+    """(program id, b, f, h, q and k of frame f) of the program for (b, f, h), F frames a clip."""
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
-    p = (pid // H) % P
-    b = pid // (H * P)
-    q_a = Q + b * stride_qb + p * stride_qt + h * stride_qh
-    k_a = K + b * stride_kb + p * stride_kt + h * stride_kh
+    f = (pid // H) % F
+    b = pid // (H * F)
+    return pid, b, f, h, Q + b * stride_qb + f * stride_qt + h * stride_qh, K + b * stride_kb + f * stride_kt + h * stride_kh
+
+
+@triton.jit
+def _pair_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, P, offset):
+    """(program id, q and k of frame p, q and k of frame p + Δ) of the program for (b, p, h)."""
+    pid, _, _, _, q_a, k_a = _frame_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, P)
     return pid, q_a, k_a, q_a + offset * stride_qt, k_a + offset * stride_kt
 
 
@@ -474,19 +479,6 @@ def _frame_dscores(
     return e
 
 
-@triton.jit
-def _frame_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, T, P, N, offset):
-    """(program id, frame t, q and k of frame t, stats rows of pairs t and t − Δ) of the
-    (b, t, h) program."""
-    pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
-    t = (pid // H) % T
-    b = pid // (H * T)
-    q_t = Q + b * stride_qb + t * stride_qt + h * stride_qh
-    k_t = K + b * stride_kb + t * stride_kt + h * stride_kh
-    return pid, t, q_t, k_t, ((b * P + t) * H + h) * N, ((b * P + t - offset) * H + h) * N
-
-
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_bwd_dq_kernel(
     Q, K, STATS, GRAD, C, DQ,
@@ -500,9 +492,9 @@ def colsum_bwd_dq_kernel(
 
     Grid: (B·T·H, ⌈N / BLOCK_M⌉). DQ is contiguous (B, T, H, N, D).
     """
-    pid, t, q_t, k_t, stat_cur, stat_prev = _frame_bases(
-        Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, T, P, N, offset
-    )
+    pid, b, t, h, q_t, k_t = _frame_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, T)
+    stat_cur = ((b * P + t) * H + h) * N  # the (b, p, h) rows of pairs t and t − Δ
+    stat_prev = stat_cur - offset * H * N
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     dims = tl.arange(0, BLOCK_D)
@@ -535,9 +527,9 @@ def colsum_bwd_dk_kernel(
 
     Grid: (B·T·H, ⌈N / BLOCK_N⌉). DK is contiguous (B, T, H, N, D).
     """
-    pid, t, q_t, k_t, stat_cur, stat_prev = _frame_bases(
-        Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, T, P, N, offset
-    )
+    pid, b, t, h, q_t, k_t = _frame_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, T)
+    stat_cur = ((b * P + t) * H + h) * N  # the (b, p, h) rows of pairs t and t − Δ
+    stat_prev = stat_cur - offset * H * N
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     dims = tl.arange(0, BLOCK_D)
