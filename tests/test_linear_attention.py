@@ -123,7 +123,8 @@ def test_triton_smallest_tiles(target, dtype, monkeypatch):
     monkeypatch.setattr(linear_attention_triton, "shared_memory_limit", lambda _device: 99 * 1024)
     q, k, v = make_qkv("projection", (1, 2), 70, 70, 128, 128, dtype, device)
     launch = linear_attention_triton._Launch(q, v)
-    assert (launch.block_n, launch.num_warps, launch.num_stages) == linear_attention_triton.launch_candidates(128, 128)[-1]
+    smallest = linear_attention_triton.launch_candidates(128, 128, q.element_size())[-1]
+    assert (launch.block_n, launch.num_warps, launch.num_stages) == smallest
     check_against_reference(q, k, v, "triton")
 
 

@@ -1,5 +1,4 @@
-"""Registers of the Triton colsum kernels (AM flow, attention colsum) on sm_80 and sm_90,
-compiled ahead of time on this machine.
+"""Registers of the Triton kernels on sm_80 and sm_90, compiled ahead of time on this machine.
 
 A thread that needs more than the register file gives it (255 registers) spills to local
 memory, a silent slowdown on every tile. Triton compiles for any GPU without one and its
@@ -7,17 +6,21 @@ bundled ptxas reports registers and spills (tests/triton_aot.py), so this holds 
 that the autotuners and launchers can choose to no spill, on the code a launch compiles
 (tensors 16-byte aligned, strides multiples of 16, unit stride along the head dim):
 
-- the resident forward: every (BLOCK_M, warps) candidate at the widest rows that
-  ``resident_registers_fit`` admits it for, per head-dim tile and dtype;
-- the blocked kernels (stats, cols, rowdot, dq, dk): every candidate tile and warp count that
-  ``blocked_registers_fit`` admits, per head-dim tile and dtype.
+- colsum (AM flow, attention colsum), resident forward: every (BLOCK_M, warps) candidate at the
+  widest rows that ``resident_registers_fit`` admits it for, per head-dim tile and dtype;
+- colsum, blocked kernels (stats, cols, rowdot, dq, dk): every candidate tile and warp count
+  that ``blocked_registers_fit`` admits, per head-dim tile and dtype; where none is left, the
+  smallest, which runs and may spill as much as ``FALLBACK_SPILLS`` lists;
+- linear attention: the launch candidate of every head-dim pair up to 64 × 64. Not checked:
+  D or Dv of 128, whose D × Dv fp32 state spills at every candidate (measured at stage 2: the
+  dq kernel 16–2072 bytes per thread in bf16, up to 35 KB in fp32; out and dk/dv 8–92 bytes in
+  bf16), which only tiling the state across programs would end.
 
 Register allocation grows with a tile, so a config checked at its largest admitted tile holds
 at the smaller ones. Paired (AM flow) only: attention colsum runs the same code with the second
 frame's loads and products left out. Head-dim tiles 32, 64, 128 and 256 cover every supported
 head dim (80 runs on 128). bfloat16 and float32 everywhere; float16, whose code differs from
-bfloat16's only in its conversions, at the common head dim 64. The one config that runs and
-spills, where no candidate fits, is listed (``SPILLING_CASES``).
+bfloat16's only in its conversions, at the common head dim 64.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 import triton
 from triton_aot import case_id, compile_cases
 
-from amflow_kernels.ops import colsum_triton
+from amflow_kernels.ops import colsum_triton, linear_attention_triton
 
 ARCHS = (80, 90)
 PRECISION = {"float32": "ieee", "bfloat16": "tf32", "float16": "tf32"}
@@ -82,7 +85,18 @@ BLOCKED_CASES = [
 # may spill: the most bytes of spill stores per thread measured over the five kernels (fp32's
 # products run on FMAs, and a 16 × 16 tile is Triton's smallest). Anything else must not spill.
 FALLBACK_SPILLS = {(90, 128): 16, (90, 256): 28, (80, 256): 0}
-CASES = RESIDENT_CASES + BLOCKED_CASES
+LINEAR_HEAD_DIMS = ((32, 32), (64, 64), (16, 64), (64, 16))
+LINEAR_CASES = [
+    dict(kernel=f"linear_attention_{kernel}_kernel", dtype=dtype, cc=cc, num_warps=warps, num_stages=stages,
+         constexprs=dict(PRECISION=PRECISION[dtype], BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv,
+                         **({"STORE_STATE": True} if kernel == "out" else {})))
+    for cc in ARCHS
+    for bd, bdv in LINEAR_HEAD_DIMS
+    for dtype in _dtypes(max(bd, bdv))
+    for block_n, warps, stages in linear_attention_triton.launch_candidates(bd, bdv, ITEMSIZE[dtype])
+    for kernel in ("state", "out", "bwd_q", "bwd_kv")
+]
+CASES = RESIDENT_CASES + BLOCKED_CASES + LINEAR_CASES
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +111,9 @@ def usage():
 def test_no_register_spills(usage, case):
     result = usage[case_id(case)]
     c = case["constexprs"]
-    fallback = not _blocked_fits(case["cc"], c["BLOCK_D"], case["dtype"]) and "resident" not in case["kernel"]
+    fallback = case["kernel"] in [_blocked_kernel(k) for k in BLOCKED_KERNELS] and not _blocked_fits(
+        case["cc"], c["BLOCK_D"], case["dtype"]
+    )
     allowed = FALLBACK_SPILLS[(case["cc"], c["BLOCK_D"])] if fallback else 0
     assert result["spill_stores"] <= allowed and result["spill_loads"] <= max(allowed, result["spill_stores"]), (
         f"{result['registers']} registers and {result['spill_stores']} bytes of spill stores "

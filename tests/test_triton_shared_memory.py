@@ -64,7 +64,7 @@ LINEAR_HEAD_DIMS = ((128, 128), (64, 64))
 def _linear_candidates(dtype: str, bd: int, bdv: int) -> list[tuple[int, int, int]]:
     """Every launch candidate in fp32; the first and the last in bf16, whose loads, converted
     to fp32, Triton does not pipeline (their needs measured the same at every stage count)."""
-    candidates = linear_attention_triton.launch_candidates(bd, bdv)
+    candidates = linear_attention_triton.launch_candidates(bd, bdv, ITEMSIZE[dtype])
     return candidates if dtype == "float32" else [candidates[0], candidates[-1]]
 
 
@@ -117,9 +117,10 @@ def test_linear_attention_bound_holds(shared_memory, case):
     assert needed <= bound, f"needs {needed} bytes of shared memory, above the bound configs are chosen by ({bound})"
 
 
+@pytest.mark.parametrize("itemsize", [2, 4], ids=["16bit", "fp32"])
 @pytest.mark.parametrize("block_d", [16, 32, 64, 128])
 @pytest.mark.parametrize("block_dv", [16, 32, 64, 128])
-def test_linear_attention_candidate_fits_sm86(block_d, block_dv):
-    smallest = linear_attention_triton.launch_candidates(block_d, block_dv)[-1]
+def test_linear_attention_candidate_fits_sm86(block_d, block_dv, itemsize):
+    smallest = linear_attention_triton.launch_candidates(block_d, block_dv, itemsize)[-1]
     bound = linear_attention_triton.shared_memory_bound(smallest[0], block_d, block_dv, smallest[2])
     assert bound <= SM86_SHARED_MEMORY

@@ -47,11 +47,19 @@ def shared_memory_bound(block_n: int, block_d: int, block_dv: int, num_stages: i
     return 4 * (block_d * block_dv + (1 + 2 * num_stages) * block_n * max(block_d, block_dv))
 
 
-def launch_candidates(block_d: int, block_dv: int) -> list[tuple[int, int, int]]:
-    """(BLOCK_N, num_warps, num_stages) by preference: Hopper's choice first, then fewer stages,
-    then the smallest tiles, which fit a 99 KiB sm_86/sm_89 GPU at D = Dv = 128."""
-    block_n, warps = (32, 8) if block_d * block_dv > 64 * 64 else (64, 4)
-    return [(block_n, warps, stages) for stages in (3, 2, 1)] + [(16, 4, 1)]
+def launch_candidates(block_d: int, block_dv: int, itemsize: int) -> list[tuple[int, int, int]]:
+    """(BLOCK_N, num_warps, num_stages) by preference.
+
+    D, Dv ≤ 64: one candidate, which spills no registers on sm_80 or sm_90 and fits any of them
+    (tests/test_triton_registers.py): 64-token tiles on 8 warps for 16-bit inputs (loaded into
+    fp32, which Triton does not pipeline: one stage), 16-token tiles three stages deep for fp32,
+    whose products run on FMAs. Larger states: Hopper's choice first, then fewer stages, then the
+    smallest tiles, which fit a 99 KiB sm_86/sm_89 GPU at D = Dv = 128; all of these spill (the
+    D × Dv fp32 state is held whole in each program's registers, twice in the dq kernel).
+    """
+    if max(block_d, block_dv) <= 64:
+        return [(16, 8, 3)] if itemsize == 4 else [(64, 8, 1)]
+    return [(32, 8, stages) for stages in (3, 2, 1)] + [(16, 4, 1)]
 
 
 @triton.jit
@@ -266,7 +274,7 @@ class _Launch:
         self.block_dv = max(16, triton.next_power_of_2(dv))
         # The first candidate that fits the device; if none does, the smallest runs and Triton
         # reports OutOfResources.
-        candidates = launch_candidates(self.block_d, self.block_dv)
+        candidates = launch_candidates(self.block_d, self.block_dv, q.element_size())
         limit = shared_memory_limit(q.device)
         fits = [c for c in candidates if shared_memory_bound(c[0], self.block_d, self.block_dv, c[2]) <= limit]
         self.block_n, self.num_warps, self.num_stages = (fits or candidates[-1:])[0]
