@@ -104,7 +104,12 @@ def usage():
     """Registers and spills per case id."""
     if "nvidia" not in triton.backends.backends:
         pytest.skip(reason="this Triton has no NVIDIA backend to compile for")
-    return compile_cases(CASES)
+    try:
+        return compile_cases(CASES)
+    except RuntimeError as error:
+        if "no ptxas report" not in str(error):
+            raise
+        pytest.skip(reason=f"Triton {triton.__version__} does not print ptxas' report (TRITON_DUMP_PTXAS_LOG)")
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
