@@ -28,12 +28,11 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from triton_aot import case_id, compile_cases
+from triton_aot import case_id, colsum_case, compile_cases, linear_case
 
 from amflow_kernels.ops import colsum_triton, linear_attention_triton
 
 ARCHS = (80, 90)
-PRECISION = {"float32": "ieee", "bfloat16": "tf32", "float16": "tf32"}
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 BLOCK_DS = (32, 64, 128, 256)
 BLOCKED_KERNELS = ("stats", "cols", "rowdot", "dq", "dk")
@@ -41,12 +40,6 @@ BLOCKED_KERNELS = ("stats", "cols", "rowdot", "dq", "dk")
 
 def _dtypes(block_d: int) -> tuple[str, ...]:
     return ("bfloat16", "float32", "float16") if block_d == 64 else ("bfloat16", "float32")
-
-
-def _case(kernel: str, cc: int, dtype: str, num_warps: int, **constexprs) -> dict:
-    block_k = colsum_triton.block_k(constexprs["BLOCK_D"], getattr(torch, dtype))
-    return dict(kernel=kernel, dtype=dtype, cc=cc, num_warps=num_warps, num_stages=1,
-                constexprs=dict(PRECISION=PRECISION[dtype], BLOCK_K=block_k, **constexprs))
 
 
 def _blocked_kernel(name: str) -> str:
@@ -66,7 +59,7 @@ def _widest_resident_rows(block_m: int, block_d: int, num_warps: int, dtype: str
 
 
 RESIDENT_CASES = [
-    _case("colsum_fwd_resident_kernel", cc, dtype, warps, PAIRED=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    colsum_case("colsum_fwd_resident_kernel", dtype, cc, warps, PAIRED=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     for cc in ARCHS
     for bd in BLOCK_DS
     for dtype in _dtypes(bd)
@@ -74,7 +67,7 @@ RESIDENT_CASES = [
     if (bn := _widest_resident_rows(bm, bd, warps, dtype)) is not None
 ]
 BLOCKED_CASES = [
-    _case(_blocked_kernel(kernel), cc, dtype, warps, PAIRED=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    colsum_case(_blocked_kernel(kernel), dtype, cc, warps, PAIRED=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     for cc in ARCHS
     for bd in BLOCK_DS
     for dtype in _dtypes(bd)
@@ -87,13 +80,11 @@ BLOCKED_CASES = [
 FALLBACK_SPILLS = {(90, 128): 16, (90, 256): 28, (80, 256): 0}
 LINEAR_HEAD_DIMS = ((32, 32), (64, 64), (16, 64), (64, 16))
 LINEAR_CASES = [
-    dict(kernel=f"linear_attention_{kernel}_kernel", dtype=dtype, cc=cc, num_warps=warps, num_stages=stages,
-         constexprs=dict(PRECISION=PRECISION[dtype], BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv,
-                         **({"STORE_STATE": True} if kernel == "out" else {})))
+    linear_case(kernel, dtype, cc, candidate, bd, bdv)
     for cc in ARCHS
     for bd, bdv in LINEAR_HEAD_DIMS
     for dtype in _dtypes(max(bd, bdv))
-    for block_n, warps, stages in linear_attention_triton.launch_candidates(bd, bdv, ITEMSIZE[dtype])
+    for candidate in linear_attention_triton.launch_candidates(bd, bdv, ITEMSIZE[dtype])
     for kernel in ("state", "out", "bwd_q", "bwd_kv")
 ]
 CASES = RESIDENT_CASES + BLOCKED_CASES + LINEAR_CASES

@@ -22,24 +22,16 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from triton_aot import case_id, compile_cases
+from triton_aot import case_id, colsum_case, compile_cases, linear_case
 
 from amflow_kernels.ops import colsum_triton, linear_attention_triton
 
 SM86_SHARED_MEMORY = 99 * 1024
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
-PRECISION = {"float32": "ieee", "bfloat16": "tf32"}
-
-
-def _block_k(dtype: str, block_d: int) -> int:
-    return colsum_triton.block_k(block_d, getattr(torch, dtype))
-
 
 # The dependents of the blocked kernels, at the largest tiles per head dim that an H100 admits.
 BOUND_CASES = [
-    dict(kernel=kernel, dtype=dtype, cc=80, num_warps=4, num_stages=1,
-         constexprs=dict(PAIRED=True, PRECISION=PRECISION[dtype], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                         BLOCK_K=_block_k(dtype, bd)))
+    colsum_case(kernel, dtype, 80, 4, PAIRED=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     for kernel in ("colsum_bwd_dq_kernel", "colsum_bwd_dk_kernel")
     for dtype in ITEMSIZE
     for bm, bn, bd in ((128, 64, 64), (64, 128, 64), (64, 64, 128), (32, 32, 256))
@@ -50,9 +42,8 @@ def _widest_resident_rows(dtype: str, block_d: int) -> int:
 
 
 FIT_CASES = [
-    dict(kernel="colsum_fwd_resident_kernel", dtype=dtype, cc=80, num_warps=8, num_stages=1,
-         constexprs=dict(PAIRED=True, PRECISION=PRECISION[dtype], BLOCK_M=16, BLOCK_N=_widest_resident_rows(dtype, bd),
-                         BLOCK_D=bd, BLOCK_K=_block_k(dtype, bd)))
+    colsum_case("colsum_fwd_resident_kernel", dtype, 80, 8, PAIRED=True, BLOCK_M=16,
+                BLOCK_N=_widest_resident_rows(dtype, bd), BLOCK_D=bd)
     for dtype in ITEMSIZE
     for bd in (32, 64, 128, 256)
 ]
@@ -65,20 +56,19 @@ def _linear_candidates(dtype: str, bd: int, bdv: int) -> list[tuple[int, int, in
     """Every launch candidate in fp32; the first and the last in bf16, whose loads, converted
     to fp32, Triton does not pipeline (their needs measured the same at every stage count)."""
     candidates = linear_attention_triton.launch_candidates(bd, bdv, ITEMSIZE[dtype])
-    return candidates if dtype == "float32" else [candidates[0], candidates[-1]]
+    return candidates if dtype == "float32" else list(dict.fromkeys([candidates[0], candidates[-1]]))
 
 
 # Every linear-attention kernel at the launch candidates of the largest and the common head
 # dims (asymmetric ones, (128, 32) and (32, 128), measured within the bound too).
 LINEAR_CASES = [
-    dict(kernel=f"linear_attention_{kernel}_kernel", dtype=dtype, cc=80, num_warps=warps, num_stages=stages,
-         constexprs=dict(PRECISION=PRECISION[dtype], BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv,
-                         **({"STORE_STATE": True} if kernel == "out" else {})))
+    linear_case(kernel, dtype, 80, candidate, bd, bdv)
     for kernel in LINEAR_KERNELS
     for dtype in ITEMSIZE
     for bd, bdv in LINEAR_HEAD_DIMS
-    for block_n, warps, stages in _linear_candidates(dtype, bd, bdv)
+    for candidate in _linear_candidates(dtype, bd, bdv)
 ]
+
 
 @pytest.fixture(scope="module")
 def shared_memory():

@@ -40,6 +40,32 @@ def _kernel(name: str):
     return kernel.fn if isinstance(kernel, triton.runtime.autotuner.Autotuner) else kernel
 
 
+def colsum_case(kernel: str, dtype: str, cc: int, num_warps: int, **constexprs) -> dict:
+    """A colsum kernel's case, its PRECISION and BLOCK_K the launcher's choice for ``dtype``."""
+    import torch
+
+    from amflow_kernels.ops import colsum_triton, triton_device
+
+    torch_dtype = getattr(torch, dtype)
+    constexprs = dict(PRECISION=triton_device.input_precision(torch_dtype),
+                      BLOCK_K=colsum_triton.block_k(constexprs["BLOCK_D"], torch_dtype), **constexprs)
+    return dict(kernel=kernel, dtype=dtype, cc=cc, num_warps=num_warps, num_stages=1, constexprs=constexprs)
+
+
+def linear_case(kernel: str, dtype: str, cc: int, candidate: tuple[int, int, int], block_d: int, block_dv: int) -> dict:
+    """The case of linear-attention kernel ``kernel`` (state, out, bwd_q or bwd_kv) at a launch
+    candidate (BLOCK_N, warps, stages), its PRECISION the launcher's choice for ``dtype``."""
+    import torch
+
+    from amflow_kernels.ops import triton_device
+
+    block_n, num_warps, num_stages = candidate
+    constexprs = dict(PRECISION=triton_device.input_precision(getattr(torch, dtype)), BLOCK_N=block_n,
+                      BLOCK_D=block_d, BLOCK_DV=block_dv, **({"STORE_STATE": True} if kernel == "out" else {}))
+    return dict(kernel=f"linear_attention_{kernel}_kernel", dtype=dtype, cc=cc, num_warps=num_warps,
+                num_stages=num_stages, constexprs=constexprs)
+
+
 def _source(fn, dtype: str, constexprs: dict) -> ASTSource:
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_device import INTERPRET, shared_memory_limit, unit_stride_last_dim
+from .triton_device import INTERPRET, input_precision, shared_memory_limit, unit_stride_last_dim
 
 LOG2E = tl.constexpr(math.log2(math.e))
 MAX_HEAD_DIM = 256
@@ -156,7 +156,8 @@ def _blocked_autotune():
 
 
 def _resident_configs():
-    candidates = RESIDENT_CONFIGS[-2:-1] if INTERPRET else RESIDENT_CONFIGS
+    # Under the interpreter, 16 rows on 8 warps: the config every resident tile fits.
+    candidates = [(16, 8)] if INTERPRET else RESIDENT_CONFIGS
     return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1) for bm, w in candidates]
 
 
@@ -567,12 +568,6 @@ def block_k(head_dim: int, dtype: torch.dtype) -> int:
     return min(block_d, FP32_BLOCK_K) if dtype == torch.float32 else block_d
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products: TF32 would lose the small differences
-    # S_t − S_{t+Δ} of two large score maps.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def resident_fits(n: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether whole score rows of an (N, D) problem fit on chip for the one-pass forward."""
     block_n, block_d = max(16, triton.next_power_of_2(n)), _block_d(head_dim)
@@ -599,7 +594,7 @@ def _shape_args(q, offset, scale, paired):
     _, _, h, n, d = q.shape
     return dict(
         H=h, N=n, D=d, offset=offset if paired else 0, scale=scale,
-        PAIRED=paired, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d), BLOCK_K=block_k(d, q.dtype),
+        PAIRED=paired, PRECISION=input_precision(q.dtype), BLOCK_D=_block_d(d), BLOCK_K=block_k(d, q.dtype),
     )
 
 

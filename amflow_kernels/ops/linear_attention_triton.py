@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_device import shared_memory_limit, unit_stride_last_dim
+from .triton_device import input_precision, shared_memory_limit, unit_stride_last_dim
 
 MAX_HEAD_DIM = 128  # D and Dv: the D × Dv fp32 state lives in registers
 
@@ -278,9 +278,7 @@ class _Launch:
         limit = shared_memory_limit(q.device)
         fits = [c for c in candidates if shared_memory_bound(c[0], self.block_d, self.block_dv, c[2]) <= limit]
         self.block_n, self.num_warps, self.num_stages = (fits or candidates[-1:])[0]
-        # fp32 inputs get true fp32 products; half inputs go through TF32 (fp32 range, a
-        # mantissa as long as fp16's) so the fp32 state is never rounded to 16 bits.
-        self.precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.precision = input_precision(q.dtype)
         if q.device.type == "cuda":
             self.target_programs = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
         else:  # the interpreter: a few chunks, so the partial sums are exercised

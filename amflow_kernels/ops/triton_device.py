@@ -24,6 +24,14 @@ def shared_memory_limit(device: torch.device) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
+def input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for the kernels' products: true fp32 ("ieee") for fp32
+    inputs, since TF32 would lose the small differences S_t − S_{t+Δ} of two large score maps;
+    TF32 for 16-bit inputs, whose fp16/bf16 operands it multiplies exactly with fp32 range and
+    accumulation, so no fp32 state (linear attention's) is ever rounded to 16 bits."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def unit_stride_last_dim(x: torch.Tensor) -> torch.Tensor:
     """x itself when its last dim has unit stride (every layout timm produces, views of a fused
     qkv included), else a copy. The kernels take no stride for it: their loads of a row are
