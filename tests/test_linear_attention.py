@@ -116,15 +116,13 @@ def test_fp16_long_sequence_large_activations(target, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("target", target_params(targets=[t for t in BACKEND_TARGETS if t.backend == "triton"]))
-def test_triton_smallest_tiles(target, dtype, monkeypatch):
-    """What a GPU with 99 KiB of shared memory per block (sm_86, sm_89) runs at D = Dv = 128:
-    the smallest launch candidate (16-token tiles, one stage)."""
+def test_triton_state_slices(target, dtype, monkeypatch):
+    """D = 128, Dv = 100: the state in four Dv slices of 32, the last one partly past Dv, the
+    tokens in several chunks, so the slices meet the partial sums over chunks."""
     device = target.activate(monkeypatch)
-    monkeypatch.setattr(linear_attention_triton, "shared_memory_limit", lambda _device: 99 * 1024)
-    q, k, v = make_qkv("projection", (1, 2), 70, 70, 128, 128, dtype, device)
+    q, k, v = make_qkv("projection", (1, 2), 70, 70, 128, 100, dtype, device)
     launch = linear_attention_triton._Launch(q, v)
-    smallest = linear_attention_triton.launch_candidates(128, 128, q.element_size())[-1]
-    assert (launch.block_n, launch.num_warps, launch.num_stages) == smallest
+    assert (launch.block_e, launch.slices) == (32, 4) and launch.chunks(70)[0] > 1
     check_against_reference(q, k, v, "triton")
 
 

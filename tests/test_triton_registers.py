@@ -11,10 +11,10 @@ that the autotuners and launchers can choose to no spill, on the code a launch c
 - colsum, blocked kernels (stats, cols, rowdot, dq, dk): every candidate tile and warp count
   that ``blocked_registers_fit`` admits, per head-dim tile and dtype; where none is left, the
   smallest, which runs and may spill as much as ``FALLBACK_SPILLS`` lists;
-- linear attention: the launch candidate of every head-dim pair up to 64 × 64. Not checked:
-  D or Dv of 128, whose D × Dv fp32 state spills at every candidate (measured at stage 2: the
-  dq kernel 16–2072 bytes per thread in bf16, up to 35 KB in fp32; out and dk/dv 8–92 bytes in
-  bf16), which only tiling the state across programs would end.
+- linear attention: all five kernels (the state kernel forward and weighted, as the backward
+  runs it) at every pair of head-dim tiles 16–128, as the launcher configures them: a program
+  holds a D × BLOCK_E slice of the state (``state_slice_width``), not the whole D × Dv state,
+  which spilled at D or Dv = 128 at every tile size tried (up to 2 KB per thread in bf16).
 
 Register allocation grows with a tile, so a config checked at its largest admitted tile holds
 at the smaller ones. Paired (AM flow) only: attention colsum runs the same code with the second
@@ -30,7 +30,7 @@ import torch
 import triton
 from triton_aot import case_id, colsum_case, compile_cases, linear_case
 
-from amflow_kernels.ops import colsum_triton, linear_attention_triton
+from amflow_kernels.ops import colsum_triton
 
 ARCHS = (80, 90)
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -78,15 +78,16 @@ BLOCKED_CASES = [
 # may spill: the most bytes of spill stores per thread measured over the five kernels (fp32's
 # products run on FMAs, and a 16 × 16 tile is Triton's smallest). Anything else must not spill.
 FALLBACK_SPILLS = {(90, 128): 16, (90, 256): 28, (80, 256): 0}
-LINEAR_HEAD_DIMS = ((32, 32), (64, 64), (16, 64), (64, 16))
-LINEAR_CASES = [
-    linear_case(kernel, dtype, cc, candidate, bd, bdv)
+LINEAR_BLOCK_DS = (16, 32, 64, 128)
+LINEAR_CASES = list({
+    case_id(case): case
     for cc in ARCHS
-    for bd, bdv in LINEAR_HEAD_DIMS
+    for bd in LINEAR_BLOCK_DS
+    for bdv in LINEAR_BLOCK_DS
     for dtype in _dtypes(max(bd, bdv))
-    for candidate in linear_attention_triton.launch_candidates(bd, bdv, ITEMSIZE[dtype])
-    for kernel in ("state", "out", "bwd_q", "bwd_kv")
-]
+    for kernel, weighted in (("state", False), ("state", True), ("out", False), ("bwd_q", False), ("bwd_kv", False))
+    if (case := linear_case(kernel, dtype, cc, bd, bdv, weighted))
+}.values())  # head-dim pairs with the same slice compile to the same code: each once
 CASES = RESIDENT_CASES + BLOCKED_CASES + LINEAR_CASES
 
 

@@ -12,9 +12,8 @@ bounds by which configs are chosen for the device:
   measured no more, the warp count made no difference); the resident forward's smallest
   candidates fit the smallest sm_80-class GPU (99 KiB per block on sm_86 and sm_89), and so
   does the bound of the smallest blocked tiles, so every head dim keeps a config.
-- linear attention: no autotuner; ``linear_attention_triton.shared_memory_bound`` picks the
-  first of ``launch_candidates`` that fits. The bound holds for all four kernels at every
-  candidate, and every head dim has a candidate within 99 KiB.
+- linear attention: no autotuner and one launch config per dtype; every kernel at every pair
+  of head-dim tiles fits the smallest sm_80-class GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch
 import triton
 from triton_aot import case_id, colsum_case, compile_cases, linear_case
 
-from amflow_kernels.ops import colsum_triton, linear_attention_triton
+from amflow_kernels.ops import colsum_triton
 
 SM86_SHARED_MEMORY = 99 * 1024
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
@@ -48,26 +47,17 @@ FIT_CASES = [
     for bd in (32, 64, 128, 256)
 ]
 
-LINEAR_KERNELS = ("state", "out", "bwd_q", "bwd_kv")
-LINEAR_HEAD_DIMS = ((128, 128), (64, 64))
-
-
-def _linear_candidates(dtype: str, bd: int, bdv: int) -> list[tuple[int, int, int]]:
-    """Every launch candidate in fp32; the first and the last in bf16, whose loads, converted
-    to fp32, Triton does not pipeline (their needs measured the same at every stage count)."""
-    candidates = linear_attention_triton.launch_candidates(bd, bdv, ITEMSIZE[dtype])
-    return candidates if dtype == "float32" else list(dict.fromkeys([candidates[0], candidates[-1]]))
-
-
-# Every linear-attention kernel at the launch candidates of the largest and the common head
-# dims (asymmetric ones, (128, 32) and (32, 128), measured within the bound too).
-LINEAR_CASES = [
-    linear_case(kernel, dtype, 80, candidate, bd, bdv)
-    for kernel in LINEAR_KERNELS
+# Every linear-attention kernel at every head-dim tile pair, as the launcher configures it
+# (the pairs with the same state slice compile to the same code: each once).
+LINEAR_BLOCK_DS = (16, 32, 64, 128)
+LINEAR_CASES = list({
+    case_id(case): case
+    for kernel, weighted in (("state", False), ("state", True), ("out", False), ("bwd_q", False), ("bwd_kv", False))
     for dtype in ITEMSIZE
-    for bd, bdv in LINEAR_HEAD_DIMS
-    for candidate in _linear_candidates(dtype, bd, bdv)
-]
+    for bd in LINEAR_BLOCK_DS
+    for bdv in LINEAR_BLOCK_DS
+    if (case := linear_case(kernel, dtype, 80, bd, bdv, weighted))
+}.values())
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +76,6 @@ def test_blocked_bound_holds(shared_memory, case):
     assert needed <= bound, f"needs {needed} bytes of shared memory, above the bound the configs are pruned by ({bound})"
 
 
-@pytest.mark.parametrize("case", FIT_CASES, ids=case_id)
-def test_fits_sm86(shared_memory, case):
-    needed = shared_memory[case_id(case)]
-    assert needed <= SM86_SHARED_MEMORY, f"needs {needed} bytes of shared memory; an sm_86 GPU has {SM86_SHARED_MEMORY}"
-
-
 @pytest.mark.parametrize("dtype", ITEMSIZE)
 def test_smallest_blocked_tiles_fit_sm86(dtype):
     """Every head dim keeps at least the 16 × 16 tiles on an sm_86 GPU."""
@@ -99,18 +83,7 @@ def test_smallest_blocked_tiles_fit_sm86(dtype):
     assert bound <= SM86_SHARED_MEMORY
 
 
-@pytest.mark.parametrize("case", LINEAR_CASES, ids=case_id)
-def test_linear_attention_bound_holds(shared_memory, case):
-    c = case["constexprs"]
-    bound = linear_attention_triton.shared_memory_bound(c["BLOCK_N"], c["BLOCK_D"], c["BLOCK_DV"], case["num_stages"])
+@pytest.mark.parametrize("case", FIT_CASES + LINEAR_CASES, ids=case_id)
+def test_fits_sm86(shared_memory, case):
     needed = shared_memory[case_id(case)]
-    assert needed <= bound, f"needs {needed} bytes of shared memory, above the bound configs are chosen by ({bound})"
-
-
-@pytest.mark.parametrize("itemsize", [2, 4], ids=["16bit", "fp32"])
-@pytest.mark.parametrize("block_d", [16, 32, 64, 128])
-@pytest.mark.parametrize("block_dv", [16, 32, 64, 128])
-def test_linear_attention_candidate_fits_sm86(block_d, block_dv, itemsize):
-    smallest = linear_attention_triton.launch_candidates(block_d, block_dv, itemsize)[-1]
-    bound = linear_attention_triton.shared_memory_bound(smallest[0], block_d, block_dv, smallest[2])
-    assert bound <= SM86_SHARED_MEMORY
+    assert needed <= SM86_SHARED_MEMORY, f"needs {needed} bytes of shared memory; an sm_86 GPU has {SM86_SHARED_MEMORY}"

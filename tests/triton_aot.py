@@ -27,8 +27,8 @@ from triton.compiler import ASTSource
 
 POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 # Arguments by role: tensors of the input dtype, fp32 buffers, ints and floats.
-INPUT_TENSORS = {"Q", "K", "V", "OUT", "DQ", "DK", "DV_OUT", "GRAD"}
-FLOAT_BUFFERS = {"STATS", "C", "STATS_BWD", "KV_PART", "Z_PART", "KV", "Z", "DKV_PART", "DZ_PART"}
+INPUT_TENSORS = {"Q", "K", "V", "X", "Y", "OUT", "DQ", "DK", "DV_OUT", "GRAD"}
+FLOAT_BUFFERS = {"STATS", "C", "STATS_BWD", "S_PART", "R_PART", "DEN", "W", "KV", "Z", "DKV", "DZ"}
 FLOATS = {"scale", "eps"}
 ALIGNED = [["tt.divisibility", 16]]
 
@@ -52,16 +52,20 @@ def colsum_case(kernel: str, dtype: str, cc: int, num_warps: int, **constexprs) 
     return dict(kernel=kernel, dtype=dtype, cc=cc, num_warps=num_warps, num_stages=1, constexprs=constexprs)
 
 
-def linear_case(kernel: str, dtype: str, cc: int, candidate: tuple[int, int, int], block_d: int, block_dv: int) -> dict:
-    """The case of linear-attention kernel ``kernel`` (state, out, bwd_q or bwd_kv) at a launch
-    candidate (BLOCK_N, warps, stages), its PRECISION the launcher's choice for ``dtype``."""
+def linear_case(kernel: str, dtype: str, cc: int, block_d: int, block_dv: int, weighted: bool = False) -> dict:
+    """The case of linear-attention kernel ``kernel`` (state, out, bwd_q or bwd_kv) at head-dim
+    tiles (BLOCK_D, BLOCK_DV) as the launcher runs it: its state slice, launch config and
+    PRECISION; ``weighted``: the state kernel as the backward runs it."""
     import torch
 
+    from amflow_kernels.ops import linear_attention_triton as la
     from amflow_kernels.ops import triton_device
 
-    block_n, num_warps, num_stages = candidate
-    constexprs = dict(PRECISION=triton_device.input_precision(getattr(torch, dtype)), BLOCK_N=block_n,
-                      BLOCK_D=block_d, BLOCK_DV=block_dv, **({"STORE_STATE": True} if kernel == "out" else {}))
+    torch_dtype = getattr(torch, dtype)
+    block_e = la.state_slice_width(block_d, block_dv)
+    block_n, num_warps, num_stages = la.launch_config(torch_dtype.itemsize)
+    constexprs = dict(PRECISION=triton_device.input_precision(torch_dtype), BLOCK_N=block_n,
+                      BLOCK_D=block_d, BLOCK_E=block_e, **({"WEIGHTED": weighted} if kernel == "state" else {}))
     return dict(kernel=f"linear_attention_{kernel}_kernel", dtype=dtype, cc=cc, num_warps=num_warps,
                 num_stages=num_stages, constexprs=constexprs)
 
@@ -114,7 +118,7 @@ def resources(kernel: str, dtype: str, cc: int, num_warps: int, num_stages: int,
 def case_id(case: dict) -> str:
     """``kernel-sm90-bfloat16-64x64x128-w4s1`` (the tiles in the kernel's BLOCK_* order)."""
     c = case["constexprs"]
-    names = ("BLOCK_N", "BLOCK_D", "BLOCK_DV") if "BLOCK_DV" in c else ("BLOCK_M", "BLOCK_N", "BLOCK_D")
+    names = ("BLOCK_N", "BLOCK_D", "BLOCK_E") if "BLOCK_E" in c else ("BLOCK_M", "BLOCK_N", "BLOCK_D")
     tiles = "x".join(str(c[k]) for k in names if k in c)
     flags = "".join(f"-{k.lower()}" for k, v in c.items() if v is True)
     return f"{case['kernel']}-sm{case['cc']}-{case['dtype']}-{tiles}-w{case['num_warps']}s{case['num_stages']}{flags}"

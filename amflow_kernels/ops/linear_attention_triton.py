@@ -15,17 +15,23 @@ w_i = −(g_i · out_i) / den_i = −(φ(q_i) · t_i) / den_i²:
 out_i is never formed in the backward: w_i comes from t_i, so a query tile meets the state in
 one product, not two, and the op keeps only KV and z: O(B·H·D·Dv) fp32.
 
-Every kernel runs on a grid (B·H, chunks): a program walks the BLOCK_N-token blocks of one
-contiguous chunk of tokens, so short sequences of many heads and long sequences of few
-heads both fill the GPU. Sums over tokens are fp32 and reduced in a fixed order (partials
-per chunk, then chunk 0, 1, …), so results are bitwise reproducible and fp16 inputs with
-thousands of tokens do not overflow.
+A program holds at most ``STATE_SLICE_ELEMENTS`` of the fp32 state in registers: a D × BLOCK_E
+slice of its Dv columns (all of them up to D·Dv = 64·64), so D or Dv of 128 spills no
+registers. The kernels that sum over tokens into the state take the Dv slices as a grid dim;
+those whose products sum over Dv (t_i = KV g_i, dKV v_j) walk the slices in order.
 
-- ``linear_attention_state_kernel``: partial KV, z of a chunk of keys.
-- ``linear_attention_out_kernel``: sums the partials and writes a chunk of outputs; chunk 0
-  also stores the summed KV, z for the backward.
-- ``linear_attention_bwd_q_kernel``: dq of a chunk of queries, and its partial dKV, dz.
-- ``linear_attention_bwd_kv_kernel``: sums the partials and writes dk, dv of a chunk of keys.
+Kernels run on a grid (B·H, chunks[, Dv slices]): a program walks the BLOCK_N-token blocks of
+one contiguous chunk of tokens, so short sequences of many heads and long sequences of few
+heads both fill the GPU. Sums over tokens are fp32: partials per chunk, then summed over the
+chunks by one deterministic reduction, so results are bitwise reproducible and fp16 inputs
+with thousands of tokens do not overflow.
+
+- ``linear_attention_state_kernel``: a chunk's partial Σ φ(x_j) (y_j / s_j)ᵀ and Σ r_j φ(x_j),
+  one Dv slice: KV, z from keys and values (s = r = 1), and dKV, dz from queries and
+  gradients (s = den, r = w).
+- ``linear_attention_out_kernel``: a chunk of outputs, one Dv slice.
+- ``linear_attention_bwd_q_kernel``: dq of a chunk of queries, and their den_i and w_i.
+- ``linear_attention_bwd_kv_kernel``: dk and dv of a chunk of keys.
 """
 
 from __future__ import annotations
@@ -34,32 +40,27 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_device import input_precision, shared_memory_limit, unit_stride_last_dim
+from .triton_device import input_precision, unit_stride_last_dim
 
-MAX_HEAD_DIM = 128  # D and Dv: the D × Dv fp32 state lives in registers
-
-
-def shared_memory_bound(block_n: int, block_d: int, block_dv: int, num_stages: int) -> int:
-    """Bytes of shared memory that any of the kernels needs at most per program: the D × Dv fp32
-    state as a dot operand, and at most 1 + 2·num_stages token tiles of BLOCK_N × max(D, Dv),
-    staged in fp32 (loads are pipelined num_stages deep). Measured on Triton's sm_80 code (sm_90's
-    needs no more at the candidate configs) and checked by tests/test_triton_shared_memory.py."""
-    return 4 * (block_d * block_dv + (1 + 2 * num_stages) * block_n * max(block_d, block_dv))
+MAX_HEAD_DIM = 128  # D and Dv
+STATE_SLICE_ELEMENTS = 64 * 64  # of the D × Dv fp32 state, per program
+MAX_SLICE_WIDTH = 64
 
 
-def launch_candidates(block_d: int, block_dv: int, itemsize: int) -> list[tuple[int, int, int]]:
-    """(BLOCK_N, num_warps, num_stages) by preference.
+def state_slice_width(block_d: int, block_dv: int) -> int:
+    """BLOCK_E, the Dv columns of the state one program holds: all of them up to
+    STATE_SLICE_ELEMENTS and MAX_SLICE_WIDTH columns (wider slices spill in the dk, dv kernel)."""
+    return min(block_dv, MAX_SLICE_WIDTH, max(16, STATE_SLICE_ELEMENTS // block_d))
 
-    D, Dv ≤ 64: one candidate, which spills no registers on sm_80 or sm_90 and fits any of them
-    (tests/test_triton_registers.py): 64-token tiles on 8 warps for 16-bit inputs (loaded into
-    fp32, which Triton does not pipeline: one stage), 16-token tiles three stages deep for fp32,
-    whose products run on FMAs. Larger states: Hopper's choice first, then fewer stages, then the
-    smallest tiles, which fit a 99 KiB sm_86/sm_89 GPU at D = Dv = 128; all of these spill (the
-    D × Dv fp32 state is held whole in each program's registers, twice in the dq kernel).
-    """
-    if max(block_d, block_dv) <= 64:
-        return [(16, 8, 3)] if itemsize == 4 else [(64, 8, 1)]
-    return [(32, 8, stages) for stages in (3, 2, 1)] + [(16, 4, 1)]
+
+def launch_config(itemsize: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for every kernel. With the state slices above, spills no
+    registers on sm_80 or sm_90 at any head dims and fits a 99 KiB sm_86/sm_89 GPU
+    (tests/test_triton_registers.py, tests/test_triton_shared_memory.py): 32-token tiles for
+    16-bit inputs, 16-token tiles for fp32, whose products run on FMAs; 8 warps, one stage
+    (deeper pipelines spill in the backward's fp32 kernels, and Triton does not pipeline the
+    16-bit loads, which it converts to fp32)."""
+    return (16, 8, 1) if itemsize == 4 else (32, 8, 1)
 
 
 @triton.jit
@@ -88,154 +89,148 @@ def _load_tile(base, rows, row_mask, stride_n, cols, col_mask):
 
 
 @triton.jit
-def _state_offsets(index, D, DV, dims, vdims):
-    return index.to(tl.int64) * D * DV + dims[:, None] * DV + vdims[None, :]
+def _load_phi(base, rows, row_mask, stride_n, dims, d_mask):
+    """φ of a token tile, zero past N and D."""
+    x = _load_tile(base, rows, row_mask, stride_n, dims, d_mask)
+    return tl.where(row_mask[:, None] & d_mask[None, :], _phi(x), 0.0)
 
 
 @triton.jit
-def _sum_partials(KV_PART, Z_PART, bh, BH, PARTS, D, DV, dims, d_mask, vdims, e_mask,
-                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Σ over the PARTS chunk partials of (KV, z) for head bh, in chunk order."""
-    kv = tl.zeros((BLOCK_D, BLOCK_DV), tl.float32)
-    z = tl.zeros((BLOCK_D,), tl.float32)
-    for part in range(0, PARTS):
-        index = part * BH + bh
-        kv += tl.load(KV_PART + _state_offsets(index, D, DV, dims, vdims),
-                      mask=d_mask[:, None] & e_mask[None, :], other=0.0)
-        z += tl.load(Z_PART + index.to(tl.int64) * D + dims, mask=d_mask, other=0.0)
-    return kv, z
+def _state_slice(STATE, index, D, DV, dims, d_mask, vdims, e_mask):
+    """Pointers to, and the mask of, the D × BLOCK_E slice ``vdims`` of state ``index``."""
+    offsets = index.to(tl.int64) * D * DV + dims[:, None] * DV + vdims[None, :]
+    return STATE + offsets, d_mask[:, None] & e_mask[None, :]
 
 
 @triton.jit
 def linear_attention_state_kernel(
-    K, V, KV_PART, Z_PART,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    H, NK, D, DV, BH, CHUNK,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    X, Y, DEN, W, S_PART, R_PART,
+    stride_xb, stride_xh, stride_xn,
+    stride_yb, stride_yh, stride_yn,
+    H, N, D, DV, BH, CHUNK,
+    WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """KV_PART[c, bh] = Σ_{j ∈ chunk c} φ(k_j) v_jᵀ and Z_PART[c, bh] = Σ_{j ∈ chunk c} φ(k_j)."""
+    """S_PART[c, bh][:, slice] = Σ_{j ∈ chunk c} φ(x_j) (y_j[slice] / s_j)ᵀ and, from slice 0,
+    R_PART[c, bh] = Σ_{j ∈ chunk c} r_j φ(x_j); s_j = DEN[bh, j] and r_j = W[bh, j] if WEIGHTED,
+    else 1. X is (B, H, N, D), Y (B, H, N, DV), DEN and W (B·H, N)."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
-    k_base = _head_base(K, bh, H, stride_kb, stride_kh)
-    v_base = _head_base(V, bh, H, stride_vb, stride_vh)
     dims = tl.arange(0, BLOCK_D)
     d_mask = dims < D
-    vdims = tl.arange(0, BLOCK_DV)
+    vdims = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_mask = vdims < DV
-    kv = tl.zeros((BLOCK_D, BLOCK_DV), tl.float32)
-    z = tl.zeros((BLOCK_D,), tl.float32)
+    x_base = _head_base(X, bh, H, stride_xb, stride_xh)
+    y_base = _head_base(Y, bh, H, stride_yb, stride_yh)
+    s = tl.zeros((BLOCK_D, BLOCK_E), tl.float32)
+    r = tl.zeros((BLOCK_D,), tl.float32)
     start = chunk * CHUNK
-    for n0 in range(start, tl.minimum(start + CHUNK, NK), BLOCK_N):
+    for n0 in range(start, tl.minimum(start + CHUNK, N), BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        row_mask = rows < NK
-        k = _load_tile(k_base, rows, row_mask, stride_kn, dims, d_mask)
-        phi_k = tl.where(row_mask[:, None] & d_mask[None, :], _phi(k), 0.0)
-        v = _load_tile(v_base, rows, row_mask, stride_vn, vdims, e_mask)
-        kv += tl.dot(tl.trans(phi_k), v, input_precision=PRECISION)
-        z += tl.sum(phi_k, axis=0)
+        row_mask = rows < N
+        phi_x = _load_phi(x_base, rows, row_mask, stride_xn, dims, d_mask)
+        y = _load_tile(y_base, rows, row_mask, stride_yn, vdims, e_mask)
+        if WEIGHTED:
+            row_offsets = bh.to(tl.int64) * N + rows
+            y = y / tl.load(DEN + row_offsets, mask=row_mask, other=1.0)[:, None]
+            r += tl.sum(phi_x * tl.load(W + row_offsets, mask=row_mask, other=0.0)[:, None], axis=0)
+        else:
+            r += tl.sum(phi_x, axis=0)
+        s += tl.dot(tl.trans(phi_x), y, input_precision=PRECISION)
     index = chunk * BH + bh
-    tl.store(KV_PART + _state_offsets(index, D, DV, dims, vdims), kv, mask=d_mask[:, None] & e_mask[None, :])
-    tl.store(Z_PART + index.to(tl.int64) * D + dims, z, mask=d_mask)
+    s_ptrs, s_mask = _state_slice(S_PART, index, D, DV, dims, d_mask, vdims, e_mask)
+    tl.store(s_ptrs, s, mask=s_mask)
+    if tl.program_id(2) == 0:
+        tl.store(R_PART + index.to(tl.int64) * D + dims, r, mask=d_mask)
 
 
 @triton.jit
 def linear_attention_out_kernel(
-    Q, KV_PART, Z_PART, OUT, KV, Z,
+    Q, KV, Z, OUT,
     stride_qb, stride_qh, stride_qn,
-    H, NQ, D, DV, BH, PARTS, CHUNK, eps,
-    STORE_STATE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    H, NQ, D, DV, CHUNK, eps,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """out_i = KVᵀ φ(q_i) / (φ(q_i)·z + eps) for the queries of one chunk; OUT is (B·H, NQ, DV)."""
+    """out_i[slice] = KV[:, slice]ᵀ φ(q_i) / (φ(q_i)·z + eps) for the queries of one chunk; KV is
+    (B·H, D, DV), Z (B·H, D) and OUT (B·H, NQ, DV)."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
     d_mask = dims < D
-    vdims = tl.arange(0, BLOCK_DV)
+    vdims = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_mask = vdims < DV
-    kv, z = _sum_partials(KV_PART, Z_PART, bh, BH, PARTS, D, DV, dims, d_mask, vdims, e_mask, BLOCK_D, BLOCK_DV)
-    if STORE_STATE:
-        if chunk == 0:
-            tl.store(KV + _state_offsets(bh, D, DV, dims, vdims), kv, mask=d_mask[:, None] & e_mask[None, :])
-            tl.store(Z + bh.to(tl.int64) * D + dims, z, mask=d_mask)
+    kv_ptrs, kv_mask = _state_slice(KV, bh, D, DV, dims, d_mask, vdims, e_mask)
+    kv = tl.load(kv_ptrs, mask=kv_mask, other=0.0)
+    z = tl.load(Z + bh.to(tl.int64) * D + dims, mask=d_mask, other=0.0)
     q_base = _head_base(Q, bh, H, stride_qb, stride_qh)
     out_base = OUT + bh.to(tl.int64) * NQ * DV
     start = chunk * CHUNK
     for n0 in range(start, tl.minimum(start + CHUNK, NQ), BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < NQ
-        q = _load_tile(q_base, rows, row_mask, stride_qn, dims, d_mask)
-        phi_q = tl.where(row_mask[:, None] & d_mask[None, :], _phi(q), 0.0)
-        numerator = tl.dot(phi_q, kv, input_precision=PRECISION)
+        phi_q = _load_phi(q_base, rows, row_mask, stride_qn, dims, d_mask)
         den = tl.where(row_mask, tl.sum(phi_q * z[None, :], axis=1) + eps, 1.0)
-        out = numerator / den[:, None]
+        out = tl.dot(phi_q, kv, input_precision=PRECISION) / den[:, None]
         ptrs = out_base + rows.to(tl.int64)[:, None] * DV + vdims[None, :]
         tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=row_mask[:, None] & e_mask[None, :])
 
 
 @triton.jit
 def linear_attention_bwd_q_kernel(
-    Q, GRAD, KV, Z, DQ, DKV_PART, DZ_PART,
+    Q, GRAD, KV, Z, DQ, DEN, W,
     stride_qb, stride_qh, stride_qn,
-    H, NQ, D, DV, BH, CHUNK, eps,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    H, NQ, D, DV, CHUNK, eps,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """dq of one chunk of queries, and that chunk's partial dKV = Σ φ(q_i) u_iᵀ, dz = Σ w_i φ(q_i).
-    GRAD is (B·H, NQ, DV) and DQ (B·H, NQ, D), contiguous."""
+    """dq of one chunk of queries, t_i = KV g_i summed over the Dv slices in order; also stores
+    den_i and w_i for the dKV, dz sums. GRAD is (B·H, NQ, DV), DQ (B·H, NQ, D), DEN and W
+    (B·H, NQ), contiguous."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
     d_mask = dims < D
-    vdims = tl.arange(0, BLOCK_DV)
-    e_mask = vdims < DV
-    state_mask = d_mask[:, None] & e_mask[None, :]
-    kv = tl.load(KV + _state_offsets(bh, D, DV, dims, vdims), mask=state_mask, other=0.0)
     z = tl.load(Z + bh.to(tl.int64) * D + dims, mask=d_mask, other=0.0)
     q_base = _head_base(Q, bh, H, stride_qb, stride_qh)
     grad_base = GRAD + bh.to(tl.int64) * NQ * DV
     dq_base = DQ + bh.to(tl.int64) * NQ * D
-    dkv = tl.zeros((BLOCK_D, BLOCK_DV), tl.float32)
-    dz = tl.zeros((BLOCK_D,), tl.float32)
     start = chunk * CHUNK
     for n0 in range(start, tl.minimum(start + CHUNK, NQ), BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < NQ
-        q = _load_tile(q_base, rows, row_mask, stride_qn, dims, d_mask)
-        phi_q = tl.where(row_mask[:, None] & d_mask[None, :], _phi(q), 0.0)
-        g = _load_tile(grad_base, rows, row_mask, DV, vdims, e_mask)
+        phi_q = _load_phi(q_base, rows, row_mask, stride_qn, dims, d_mask)
+        t = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        for e0 in range(0, DV, BLOCK_E):
+            vdims = e0 + tl.arange(0, BLOCK_E)
+            e_mask = vdims < DV
+            g = _load_tile(grad_base, rows, row_mask, DV, vdims, e_mask)
+            kv_ptrs, kv_mask = _state_slice(KV, bh, D, DV, dims, d_mask, vdims, e_mask)
+            t += tl.dot(g, tl.trans(tl.load(kv_ptrs, mask=kv_mask, other=0.0)), input_precision=PRECISION)
         den = tl.where(row_mask, tl.sum(phi_q * z[None, :], axis=1) + eps, 1.0)
-        kv_g = tl.dot(g, tl.trans(kv), input_precision=PRECISION)
-        u = g / den[:, None]
-        w = -(tl.sum(phi_q * kv_g, axis=1) / den) / den
-        dphi_q = kv_g / den[:, None] + w[:, None] * z[None, :]
-        dq = dphi_q * _phi_slope(phi_q)
+        w = -(tl.sum(phi_q * t, axis=1) / den) / den
+        dq = (t / den[:, None] + w[:, None] * z[None, :]) * _phi_slope(phi_q)
         ptrs = dq_base + rows.to(tl.int64)[:, None] * D + dims[None, :]
         tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
-        dkv += tl.dot(tl.trans(phi_q), u, input_precision=PRECISION)
-        dz += tl.sum(phi_q * w[:, None], axis=0)
-    index = chunk * BH + bh
-    tl.store(DKV_PART + _state_offsets(index, D, DV, dims, vdims), dkv, mask=state_mask)
-    tl.store(DZ_PART + index.to(tl.int64) * D + dims, dz, mask=d_mask)
+        row_offsets = bh.to(tl.int64) * NQ + rows
+        tl.store(DEN + row_offsets, den, mask=row_mask)
+        tl.store(W + row_offsets, w, mask=row_mask)
 
 
 @triton.jit
 def linear_attention_bwd_kv_kernel(
-    K, V, DKV_PART, DZ_PART, DK, DV_OUT,
+    K, V, DKV, DZ, DK, DV_OUT,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    H, NK, D, DV, BH, PARTS, CHUNK,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    H, NK, D, DV, CHUNK,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """dk_j = (dKV v_j + dz) ⊙ φ'(k_j) and dv_j = dKVᵀ φ(k_j) for one chunk of keys; DK is
-    (B·H, NK, D) and DV_OUT (B·H, NK, DV), contiguous."""
+    """dk_j = (dKV v_j + dz) ⊙ φ'(k_j), dKV v_j summed over the Dv slices in order, and
+    dv_j = dKVᵀ φ(k_j) a slice at a time, for one chunk of keys; DKV is (B·H, D, DV), DZ
+    (B·H, D), DK (B·H, NK, D) and DV_OUT (B·H, NK, DV), contiguous."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
     d_mask = dims < D
-    vdims = tl.arange(0, BLOCK_DV)
-    e_mask = vdims < DV
-    dkv, dz = _sum_partials(DKV_PART, DZ_PART, bh, BH, PARTS, D, DV, dims, d_mask, vdims, e_mask, BLOCK_D, BLOCK_DV)
+    dz = tl.load(DZ + bh.to(tl.int64) * D + dims, mask=d_mask, other=0.0)
     k_base = _head_base(K, bh, H, stride_kb, stride_kh)
     v_base = _head_base(V, bh, H, stride_vb, stride_vh)
     dk_base = DK + bh.to(tl.int64) * NK * D
@@ -244,16 +239,22 @@ def linear_attention_bwd_kv_kernel(
     for n0 in range(start, tl.minimum(start + CHUNK, NK), BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < NK
-        k = _load_tile(k_base, rows, row_mask, stride_kn, dims, d_mask)
-        phi_k = tl.where(row_mask[:, None] & d_mask[None, :], _phi(k), 0.0)
-        v = _load_tile(v_base, rows, row_mask, stride_vn, vdims, e_mask)
-        dk = (tl.dot(v, tl.trans(dkv), input_precision=PRECISION) + dz[None, :]) * _phi_slope(phi_k)
-        dv = tl.dot(phi_k, dkv, input_precision=PRECISION)
         rows64 = rows.to(tl.int64)[:, None]
+        phi_k = _load_phi(k_base, rows, row_mask, stride_kn, dims, d_mask)
+        dphi_k = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        for e0 in range(0, DV, BLOCK_E):
+            vdims = e0 + tl.arange(0, BLOCK_E)
+            e_mask = vdims < DV
+            v = _load_tile(v_base, rows, row_mask, stride_vn, vdims, e_mask)
+            dkv_ptrs, dkv_mask = _state_slice(DKV, bh, D, DV, dims, d_mask, vdims, e_mask)
+            dkv = tl.load(dkv_ptrs, mask=dkv_mask, other=0.0)
+            dphi_k += tl.dot(v, tl.trans(dkv), input_precision=PRECISION)
+            dv = tl.dot(phi_k, dkv, input_precision=PRECISION)
+            tl.store(dv_base + rows64 * DV + vdims[None, :], dv.to(DV_OUT.dtype.element_ty),
+                     mask=row_mask[:, None] & e_mask[None, :])
+        dk = (dphi_k + dz[None, :]) * _phi_slope(phi_k)
         tl.store(dk_base + rows64 * D + dims[None, :], dk.to(DK.dtype.element_ty),
                  mask=row_mask[:, None] & d_mask[None, :])
-        tl.store(dv_base + rows64 * DV + vdims[None, :], dv.to(DV_OUT.dtype.element_ty),
-                 mask=row_mask[:, None] & e_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def linear_attention_bwd_kv_kernel(
 
 
 class _Launch:
-    """Tile sizes and the chunking of N tokens over B·H heads."""
+    """Tile sizes, the Dv slices of the state, and the chunking of N tokens over B·H heads."""
 
     def __init__(self, q: torch.Tensor, v: torch.Tensor):
         b, h, _, d = q.shape
@@ -271,13 +272,9 @@ class _Launch:
             raise ValueError(f"triton backend: D and Dv must be ≤ {MAX_HEAD_DIM}, got D={d}, Dv={dv}")
         self.heads = b * h
         self.block_d = max(16, triton.next_power_of_2(d))
-        self.block_dv = max(16, triton.next_power_of_2(dv))
-        # The first candidate that fits the device; if none does, the smallest runs and Triton
-        # reports OutOfResources.
-        candidates = launch_candidates(self.block_d, self.block_dv, q.element_size())
-        limit = shared_memory_limit(q.device)
-        fits = [c for c in candidates if shared_memory_bound(c[0], self.block_d, self.block_dv, c[2]) <= limit]
-        self.block_n, self.num_warps, self.num_stages = (fits or candidates[-1:])[0]
+        self.block_e = state_slice_width(self.block_d, max(16, triton.next_power_of_2(dv)))
+        self.slices = triton.cdiv(dv, self.block_e)
+        self.block_n, self.num_warps, self.num_stages = launch_config(q.element_size())
         self.precision = input_precision(q.dtype)
         if q.device.type == "cuda":
             self.target_programs = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
@@ -295,14 +292,35 @@ class _Launch:
     def meta(self) -> dict:
         return dict(
             PRECISION=self.precision, BLOCK_N=self.block_n, BLOCK_D=self.block_d,
-            BLOCK_DV=self.block_dv, num_warps=self.num_warps, num_stages=self.num_stages,
+            BLOCK_E=self.block_e, num_warps=self.num_warps, num_stages=self.num_stages,
         )
 
 
-def _state_buffers(parts: int, heads: int, d: int, dv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_sums(
+    launch: _Launch, x: torch.Tensor, y: torch.Tensor, den: torch.Tensor | None, w: torch.Tensor | None,
+    s: torch.Tensor, r: torch.Tensor,
+) -> None:
+    """s = Σ_j φ(x_j) (y_j / den_j)ᵀ and r = Σ_j w_j φ(x_j) (den = w = 1 where None), into the
+    fp32 (B·H, D, DV) and (B·H, D) buffers: per-chunk partials summed in chunk order."""
+    h, n, d = x.shape[1], x.shape[2], x.shape[3]
+    dv = y.shape[-1]
+    parts, chunk = launch.chunks(n)
+    s_part, r_part = (s, r) if parts == 1 else _state_buffers((parts, launch.heads), d, dv, x.device)
+    weighted = den is not None
+    linear_attention_state_kernel[(launch.heads, parts, launch.slices)](
+        x, y, den if weighted else x, w if weighted else x, s_part, r_part,
+        *x.stride()[:3], *y.stride()[:3], h, n, d, dv, launch.heads, chunk, WEIGHTED=weighted, **launch.meta(),
+    )
+    if parts > 1:
+        torch.sum(s_part, 0, out=s)
+        torch.sum(r_part, 0, out=r)
+
+
+def _state_buffers(lead: tuple[int, ...], d: int, dv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised fp32 (*lead, D, DV) and (*lead, D) buffers."""
     return (
-        torch.empty((parts, heads, d, dv), dtype=torch.float32, device=device),
-        torch.empty((parts, heads, d), dtype=torch.float32, device=device),
+        torch.empty((*lead, d, dv), dtype=torch.float32, device=device),
+        torch.empty((*lead, d), dtype=torch.float32, device=device),
     )
 
 
@@ -313,21 +331,16 @@ def linear_attention_fwd(
     in q's dtype, and the fp32 state kv (B, H, D, Dv), z (B, H, D) saved for the backward."""
     q, k, v = unit_stride_last_dim(q), unit_stride_last_dim(k), unit_stride_last_dim(v)
     b, h, nq, d = q.shape
-    nk, dv = k.shape[2], v.shape[-1]
+    dv = v.shape[-1]
     launch = _Launch(q, v)
     out = torch.empty((b, h, nq, dv), dtype=q.dtype, device=q.device)
-    kv, z = _state_buffers(1, launch.heads, d, dv, q.device)
+    kv, z = _state_buffers((launch.heads,), d, dv, q.device)
     if launch.heads == 0:
         return out, kv.view(b, h, d, dv), z.view(b, h, d)
-    parts, chunk = launch.chunks(nk)
-    kv_part, z_part = (kv, z) if parts == 1 else _state_buffers(parts, launch.heads, d, dv, q.device)
-    linear_attention_state_kernel[(launch.heads, parts)](
-        k, v, kv_part, z_part, *k.stride()[:3], *v.stride()[:3], h, nk, d, dv, launch.heads, chunk, **launch.meta()
-    )
-    out_chunks, out_chunk = launch.chunks(nq)
-    linear_attention_out_kernel[(launch.heads, out_chunks)](
-        q, kv_part, z_part, out, kv, z, *q.stride()[:3], h, nq, d, dv, launch.heads, parts, out_chunk, eps,
-        STORE_STATE=parts > 1, **launch.meta(),
+    _token_sums(launch, k, v, None, None, kv, z)
+    chunks, chunk = launch.chunks(nq)
+    linear_attention_out_kernel[(launch.heads, chunks, launch.slices)](
+        q, kv, z, out, *q.stride()[:3], h, nq, d, dv, chunk, eps, **launch.meta()
     )
     return out, kv.view(b, h, d, dv), z.view(b, h, d)
 
@@ -338,7 +351,7 @@ def linear_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of :func:`linear_attention_fwd`, contiguous, in q's dtype."""
     q, k, v = unit_stride_last_dim(q), unit_stride_last_dim(k), unit_stride_last_dim(v)
-    b, h, nq, d = q.shape
+    _, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
     launch = _Launch(q, v)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -347,15 +360,15 @@ def linear_attention_bwd(
     if launch.heads == 0:
         return dq, dk, dv_out
     grad, kv, z = grad.contiguous(), kv.contiguous(), z.contiguous()
-    parts, chunk = launch.chunks(nq)
-    dkv_part, dz_part = _state_buffers(parts, launch.heads, d, dv, q.device)
-    linear_attention_bwd_q_kernel[(launch.heads, parts)](
-        q, grad, kv, z, dq, dkv_part, dz_part, *q.stride()[:3], h, nq, d, dv, launch.heads, chunk, eps,
-        **launch.meta(),
+    den, w = (torch.empty((launch.heads, nq), dtype=torch.float32, device=q.device) for _ in range(2))
+    chunks, chunk = launch.chunks(nq)
+    linear_attention_bwd_q_kernel[(launch.heads, chunks)](
+        q, grad, kv, z, dq, den, w, *q.stride()[:3], h, nq, d, dv, chunk, eps, **launch.meta()
     )
-    kv_chunks, kv_chunk = launch.chunks(nk)
-    linear_attention_bwd_kv_kernel[(launch.heads, kv_chunks)](
-        k, v, dkv_part, dz_part, dk, dv_out, *k.stride()[:3], *v.stride()[:3], h, nk, d, dv, launch.heads, parts,
-        kv_chunk, **launch.meta(),
+    dkv, dz = _state_buffers((launch.heads,), d, dv, q.device)
+    _token_sums(launch, q, grad, den, w, dkv, dz)
+    chunks, chunk = launch.chunks(nk)
+    linear_attention_bwd_kv_kernel[(launch.heads, chunks)](
+        k, v, dkv, dz, dk, dv_out, *k.stride()[:3], *v.stride()[:3], h, nk, d, dv, chunk, **launch.meta()
     )
     return dq, dk, dv_out
