@@ -9,6 +9,7 @@ as ``|X_t − X_{t+Δ}|`` of its outputs X.
 
     encoder = AligningEncoder(in_features=12, dim=192, depth=2)
     flow = encoder.aligned_flow(q, k, num_frames=T)   # (B, T−1, N, 192)
+    set_backend(model, "reference")                   # every such layer in a model
 """
 
 from __future__ import annotations
@@ -16,11 +17,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._dispatch import ACCEPTED
 from ._validate import check_am_flow, check_frames
 from .ops.attention_colsum import attention_colsum
 from .ops.linear_attention import linear_attention
 
-__all__ = ["LinearAttention", "AligningEncoderLayer", "AligningEncoder"]
+__all__ = ["FusedOpModule", "LinearAttention", "AligningEncoderLayer", "AligningEncoder", "set_backend"]
+
+
+class FusedOpModule(nn.Module):
+    """A layer whose forward runs ``amflow_kernels`` ops on backend ``self.backend``."""
+
+    backend: str
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    """Run every ``amflow_kernels`` op inside ``model`` on ``backend``: sets it on each
+    :class:`FusedOpModule` (checked when the ops run, against the inputs)."""
+    if backend not in ACCEPTED:
+        raise ValueError(f"set_backend: backend must be one of {ACCEPTED}, got {backend!r}")
+    for module in model.modules():
+        if isinstance(module, FusedOpModule):
+            module.backend = backend
 
 
 def _check_positive(layer: str, **values) -> None:
@@ -29,7 +47,7 @@ def _check_positive(layer: str, **values) -> None:
             raise ValueError(f"{layer}: {name} must be an int ≥ 1, got {value!r}")
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(FusedOpModule):
     """Multi-head non-causal linear attention: one fused qkv projection, :func:`linear_attention`
     per head (φ = elu + 1), an output projection and dropout.
 
@@ -96,7 +114,7 @@ class AligningEncoderLayer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class AligningEncoder(nn.Module):
+class AligningEncoder(FusedOpModule):
     """The aligning encoder: per-frame attention column sums → a linear-attention transformer.
 
     Args:

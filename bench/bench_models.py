@@ -1,7 +1,7 @@
 """The model package end to end: one inference step and one training step (forward, backward,
 optimiser step) of the AM flow video model on ViT-B/14 with registers (random weights, AM flow
-in all 12 blocks, "AM/12"), with the fused kernels (``kernels="auto"``) against the same model
-on the reference ops (``kernels="reference"``: the N×N maps in PyTorch).
+in all 12 blocks, "AM/12"), with the fused kernels (``backend="auto"``) against the same model
+on the reference ops (``backend="reference"``: the N×N maps in PyTorch).
 
 CUDA: B=8 clips of T=8 frames at 224 px, bf16 autocast (target: the fused kernels ≥ 2× faster
 and ≥ 3× less peak memory). CPU: B=1, T=4, float32, the machine's threads.
@@ -17,26 +17,26 @@ from helpers import require_backend
 from amflow_models import AMFlowVideoModel, create_backbone
 
 SHAPES = {"cuda": {"vit_base_patch14_reg4_dinov2 B8 T8": (8, 8)}, "cpu": {"vit_base_patch14_reg4_dinov2 B1 T4": (1, 4)}}
-WORKLOADS = [(device, name, flow, kernels) for device in ("cuda", "cpu") for name in SHAPES[device]
-             for flow in ("vanilla", "aligned") for kernels in ("auto", "reference")]
+WORKLOADS = [(device, name, flow, backend) for device in ("cuda", "cpu") for name in SHAPES[device]
+             for flow in ("vanilla", "aligned") for backend in ("auto", "reference")]
 
 
-def _model(flow: str, kernels: str, device: str) -> AMFlowVideoModel:
+def _model(flow: str, backend: str, device: str) -> AMFlowVideoModel:
     torch.manual_seed(0)
     backbone = create_backbone("vit_base_patch14_reg4_dinov2", img_size=224, num_classes=0)
-    return AMFlowVideoModel(backbone, 174, flow=flow, tpm="lstm", kernels=kernels).to(device)
+    return AMFlowVideoModel(backbone, 174, flow=flow, tpm="lstm", backend=backend).to(device)
 
 
 @pytest.mark.parametrize("mode", ["inference", "train step"])
-@pytest.mark.parametrize("device, shape_name, flow, kernels", WORKLOADS)
-def test_am_flow_model(device, shape_name, flow, kernels, mode, measure):
+@pytest.mark.parametrize("device, shape_name, flow, backend", WORKLOADS)
+def test_am_flow_model(device, shape_name, flow, backend, mode, measure):
     require_backend("reference", device)
     batch, frames = SHAPES[device][shape_name]
-    model = _model(flow, kernels, device)
+    model = _model(flow, backend, device)
     video = torch.randn(batch, frames, 3, 224, 224, device=device)
     labels = torch.randint(0, 174, (batch,), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    if kernels == "auto":  # the fused model must agree with the reference one on these inputs
+    if backend == "auto":  # the fused model must agree with the reference one on these inputs
         reference_model = _model(flow, "reference", device)
         with torch.no_grad(), autocast:
             fused, expected = model(video).float(), reference_model(video).float()
@@ -57,6 +57,6 @@ def test_am_flow_model(device, shape_name, flow, kernels, mode, measure):
         loss.backward()
         optimizer.step()
 
-    provider = "fused" if kernels == "auto" else "reference"
+    provider = "fused" if backend == "auto" else "reference"
     run = inference if mode == "inference" else train_step
-    measure(f"AMFlowVideoModel {flow}", device, shape_name, mode, provider, run, parameters, fused=kernels == "auto")
+    measure(f"AMFlowVideoModel {flow}", device, shape_name, mode, provider, run, parameters, fused=backend == "auto")

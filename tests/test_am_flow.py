@@ -22,7 +22,7 @@ from helpers import (
 
 import amflow_kernels
 from amflow_kernels import reference
-from amflow_kernels.ops import am_flow as am_flow_module
+from amflow_kernels.ops import fused
 
 # (B, T, H, N, D, offset, layout). The CPU grid runs through Triton's interpreter, so it is
 # a covering subset: every N, D, T, offset and layout of the grid appears, N crosses
@@ -199,11 +199,8 @@ def test_opcheck(target):
     backend, device = target
     q, k, _ = make_qk("qkv", 1, 3, 2, 17, 16, torch.float32, device)
     q, k = q.unflatten(0, (1, 3)).detach(), k.unflatten(0, (1, 3)).detach()
-    if backend == "triton":
-        fwd, bwd, extra = am_flow_module.am_flow_fwd_triton, am_flow_module.am_flow_bwd_triton, (1, 0.25)
-    else:
-        fwd, bwd, extra = torch.ops.amflow.softmax_colsum_fwd, torch.ops.amflow.softmax_colsum_bwd, (1, True, 0.25)
-    opcheck_pair(fwd, bwd, q, k, extra)
+    fwd, bwd = (fused.op("softmax_colsum", backend, direction) for direction in ("fwd", "bwd"))
+    opcheck_pair(fwd, bwd, q, k, (1, True, 0.25))
 
 
 def test_compile_fullgraph(target):

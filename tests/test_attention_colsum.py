@@ -8,7 +8,8 @@ from helpers import as_float64_leaves, assert_as_accurate_as_pytorch, assert_clo
 
 import amflow_kernels
 from amflow_kernels import reference
-from amflow_kernels.ops import attention_colsum as colsum_module
+from amflow_kernels.ops import fused
+from amflow_kernels.ops.attention_colsum import as_single_frames
 
 # (shape of q, layout). Leading dims of every rank; "qkv" is timm's strided projection view
 # and "transposed" a view whose last stride is not 1.
@@ -134,12 +135,8 @@ def test_opcheck(target):
     backend, device = target
     for layout, shape in (("qkv", (2, 2, 17, 16)), ("contiguous", (9, 16))):
         q, k = (t.detach() for t in _make(shape, layout, torch.float32, device))
-        if backend == "triton":
-            fwd, bwd, extra = colsum_module.attention_colsum_fwd_triton, colsum_module.attention_colsum_bwd_triton, (0.3,)
-        else:
-            fwd, bwd, extra = torch.ops.amflow.softmax_colsum_fwd, torch.ops.amflow.softmax_colsum_bwd, (0, False, 0.3)
-            q, k = colsum_module._as_frames(q), colsum_module._as_frames(k)
-        opcheck_pair(fwd, bwd, q, k, extra)
+        fwd, bwd = (fused.op("softmax_colsum", backend, direction) for direction in ("fwd", "bwd"))
+        opcheck_pair(fwd, bwd, as_single_frames(q), as_single_frames(k), (0, False, 0.3))
 
 
 def test_compile_fullgraph(target):

@@ -10,7 +10,7 @@ from helpers import BACKEND_TARGETS, as_float64_leaves, assert_close, make_qkv, 
 
 import amflow_kernels
 from amflow_kernels import reference
-from amflow_kernels.ops import linear_attention as la_module
+from amflow_kernels.ops import fused
 from amflow_kernels.ops import linear_attention_triton
 
 TOKENS = (1, 3, 17, 64, 197, 1370)
@@ -185,10 +185,7 @@ def test_empty_batch(backend_target):
 def test_opcheck(backend_target):
     backend, device = backend_target
     q, k, v = (t.detach() for t in make_qkv("projection", (2, 3), 37, 37, 16, 24, torch.float32, device))
-    if backend == "triton":
-        fwd, bwd = la_module.linear_attention_fwd_triton, la_module.linear_attention_bwd_triton
-    else:
-        fwd, bwd = torch.ops.amflow.linear_attention_fwd, torch.ops.amflow.linear_attention_bwd
+    fwd, bwd = (fused.op("linear_attention", backend, direction) for direction in ("fwd", "bwd"))
     for requires_grad in (True, False):
         args = [t.clone().requires_grad_(requires_grad) for t in (q, k, v)]
         torch.library.opcheck(fwd, (*args, 1e-6))

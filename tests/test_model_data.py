@@ -167,7 +167,7 @@ def test_cli_train_eval_visualize_round_trip(synthetic, tmp_path, capsys):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     metrics = tmp_path / "eval.json"
     assert main(["eval", str(out / "best.pt"), "--clips", "2", "--crops", "3", "--workers", "0", "--no-progress",
-                 "--kernels", "reference", "--json", str(metrics)]) == 0
+                 "--backend", "reference", "--json", str(metrics)]) == 0
     result = json.loads(metrics.read_text())
     assert result["clips"] == len(CLASSES) and len(result["confusion"]) == len(CLASSES)
     assert "confusion matrix" in capsys.readouterr().out

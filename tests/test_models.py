@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from amflow_kernels import reference
-from amflow_models import AMFlowVideoModel, ModelConfig, ZeroI2V, build_model, create_backbone, parameter_report, set_kernels
+from amflow_models import AMFlowVideoModel, ModelConfig, ZeroI2V, build_model, create_backbone, parameter_report, set_backend
 from amflow_models.tpm import TPM_KINDS
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4)
@@ -101,12 +101,12 @@ def test_untrained_adapters_leave_the_backbone_unchanged():
     assert model.frame_head is None, "a backbone with num_classes outputs keeps its own (frozen) head"
 
 
-def test_kernels_reference_and_auto_agree():
+def test_backend_reference_and_auto_agree():
     model = AMFlowVideoModel(tiny_backbone(), 4, flow="aligned", adapter_dim=8, aligner_dim=24).double()
     randomise_adapters(model)
     video = torch.randn(2, 4, 3, 32, 32, dtype=torch.float64)
     fused = model(video)
-    set_kernels(model, "reference")
+    set_backend(model, "reference")
     assert all(m.backend == "reference" for m in model.modules() if hasattr(m, "backend"))
     torch.testing.assert_close(model(video), fused, rtol=1e-9, atol=1e-9)
 
@@ -179,7 +179,7 @@ def test_bf16_autocast_on_gpu_matches_the_reference_kernels(flow):
     video = torch.randn(2, 4, 3, 32, 32, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fused = model(video)
-        set_kernels(model, "reference")
+        set_backend(model, "reference")
         eager = model(video)
     assert torch.isfinite(fused).all()
     assert (fused - eager).norm() / eager.norm() < 2e-2

@@ -3,8 +3,8 @@
     flow[b, t, h, j] = Σ_i softmax_j( |S_t − S_{t+Δ}| )[i, j],   S_t = scale · Q_t K_tᵀ,
 
 for t = 0 … T−1−Δ (eq. 2–3 of the AM Flow paper, "softmax(|X_t − X_{t+1}|)ᵀ · 1"). The
-public function validates, dispatches and reshapes; the Triton op is registered here with
-its fake and autograd, the kernels live in :mod:`amflow_kernels.ops.colsum_triton`.
+public function validates and dispatches to the fused ``softmax_colsum`` ops of
+:mod:`amflow_kernels.ops.fused` (paired frames) or to the reference.
 """
 
 from __future__ import annotations
@@ -14,55 +14,7 @@ import torch
 from .. import reference
 from .._dispatch import select
 from .._validate import check_am_flow
-from . import cext, colsum_triton
-
-
-@torch.library.custom_op("amflow::am_flow_fwd_triton", mutates_args=())
-def am_flow_fwd_triton(
-    q: torch.Tensor, k: torch.Tensor, offset: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flow, stats) for (B, T, H, N, D) q, k; stats (B, T−Δ, H, N, 2) fp32 are the softmax
-    row statistics saved for the backward."""
-    return colsum_triton.colsum_fwd(q, k, offset=offset, paired=True, scale=scale)
-
-
-@am_flow_fwd_triton.register_fake
-def _(q, k, offset, scale):
-    b, t, h, n, _ = q.shape
-    torch._check(t > offset)
-    flow = q.new_empty((b, t - offset, h, n))
-    return flow, q.new_empty((b, t - offset, h, n, 2), dtype=torch.float32)
-
-
-@torch.library.custom_op("amflow::am_flow_bwd_triton", mutates_args=())
-def am_flow_bwd_triton(
-    grad_flow: torch.Tensor, q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
-    offset: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dq, dk) of :func:`am_flow_fwd_triton`, contiguous (B, T, H, N, D)."""
-    return colsum_triton.colsum_bwd(grad_flow, q, k, stats, offset=offset, paired=True, scale=scale)
-
-
-@am_flow_bwd_triton.register_fake
-def _(grad_flow, q, k, stats, offset, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, offset, scale = inputs
-    ctx.save_for_backward(q, k, output[1])
-    ctx.offset, ctx.scale = offset, scale
-
-
-def _backward(ctx, grad_flow, _grad_stats):
-    if not any(ctx.needs_input_grad[:2]):
-        return None, None, None, None
-    q, k, stats = ctx.saved_tensors
-    dq, dk = am_flow_bwd_triton(grad_flow, q, k, stats, ctx.offset, ctx.scale)
-    return dq, dk, None, None
-
-
-am_flow_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
+from . import fused
 
 
 def am_flow(
@@ -93,6 +45,4 @@ def am_flow(
     chosen = select("am_flow", backend, q)
     if chosen == "reference":
         return reference.am_flow(q, k, offset=offset, scale=scale)
-    if chosen == "triton":
-        return am_flow_fwd_triton(q, k, offset, scale)[0]
-    return cext.softmax_colsum(q, k, offset, True, scale)
+    return fused.op("softmax_colsum", chosen)(q, k, offset, True, scale)[0]

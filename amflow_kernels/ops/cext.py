@@ -1,10 +1,6 @@
-"""The compiled extension's ops (csrc/): their fake kernels and autograd, registered once.
-
-``amflow::softmax_colsum_fwd(q, k, offset, paired, scale) -> (out, stats)`` and
-``amflow::softmax_colsum_bwd(grad, q, k, stats, offset, paired, scale) -> (dq, dk)`` serve
-both public ops on (B, T, H, N, D) q, k (see csrc/amflow.cpp): ``paired`` is AM flow, not
-paired the attention colsum. The CPU and CUDA kernels register under the same schemas.
-"""
+"""The compiled extension (csrc/), loaded once: why it cannot be used, if it cannot, and the
+device types it has kernels for. Loading it registers its ``amflow::`` ops (schemas in
+:mod:`amflow_kernels.ops.fused`, which registers their fakes and autograd)."""
 
 from __future__ import annotations
 
@@ -43,35 +39,3 @@ KERNEL_DEVICES = frozenset(
     if EXTENSION_ERROR is None
     and torch._C._dispatch_has_kernel_for_dispatch_key("amflow::softmax_colsum_fwd", device.upper())
 )
-
-
-def softmax_colsum(q: torch.Tensor, k: torch.Tensor, offset: int, paired: bool, scale: float) -> torch.Tensor:
-    """out (B, P, H, N) of the extension's forward, differentiable in q and k."""
-    return torch.ops.amflow.softmax_colsum_fwd(q, k, offset, paired, scale)[0]
-
-
-if EXTENSION_ERROR is None:
-
-    @torch.library.register_fake("amflow::softmax_colsum_fwd")
-    def _(q, k, offset, paired, scale):
-        b, t, h, n, _ = q.shape
-        p = t - offset if paired else t
-        return q.new_empty((b, p, h, n)), q.new_empty((b, p, h, n, 2), dtype=torch.float32)
-
-    @torch.library.register_fake("amflow::softmax_colsum_bwd")
-    def _(grad, q, k, stats, offset, paired, scale):
-        return q.new_empty(q.shape), k.new_empty(k.shape)
-
-    def _setup_context(ctx, inputs, output):
-        q, k, offset, paired, scale = inputs
-        ctx.save_for_backward(q, k, output[1])
-        ctx.offset, ctx.paired, ctx.scale = offset, paired, scale
-
-    def _backward(ctx, grad, _grad_stats):
-        if not any(ctx.needs_input_grad[:2]):
-            return None, None, None, None, None
-        q, k, stats = ctx.saved_tensors
-        dq, dk = torch.ops.amflow.softmax_colsum_bwd(grad, q, k, stats, ctx.offset, ctx.paired, ctx.scale)
-        return dq, dk, None, None, None
-
-    torch.library.register_autograd("amflow::softmax_colsum_fwd", _backward, setup_context=_setup_context)

@@ -2,12 +2,10 @@
 
     out_i = φ(q_i)ᵀ (Σ_j φ(k_j) v_jᵀ) / (φ(q_i)ᵀ Σ_j φ(k_j) + eps),    φ(x) = elu(x) + 1.
 
-The public function validates, dispatches and reshapes any leading dims to (B, H, N, ·)
-views. Both fused implementations return (out, KV, z), with the fp32 state KV = Σ φ(k) vᵀ and
-z = Σ φ(k) saved for the backward; this module registers their fake kernels and autograd:
-the Triton op ``amflow::linear_attention_fwd_triton`` (kernels in
-:mod:`amflow_kernels.ops.linear_attention_triton`) and the extension's
-``amflow::linear_attention_fwd`` (csrc/, CPU and CUDA).
+The public function validates, dispatches to the fused ``linear_attention`` ops of
+:mod:`amflow_kernels.ops.fused` or to the reference, and reshapes any leading dims to
+(B, H, N, ·) views. The fused forwards return (out, KV, z), with the fp32 state KV = Σ φ(k) vᵀ
+and z = Σ φ(k) saved for the backward.
 """
 
 from __future__ import annotations
@@ -17,70 +15,7 @@ import torch
 from .. import reference
 from .._dispatch import select
 from .._validate import check_linear_attention
-from . import cext, linear_attention_triton
-
-
-@torch.library.custom_op("amflow::linear_attention_fwd_triton", mutates_args=())
-def linear_attention_fwd_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, kv, z) for q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) of any strides."""
-    return linear_attention_triton.linear_attention_fwd(q, k, v, eps)
-
-
-@torch.library.custom_op("amflow::linear_attention_bwd_triton", mutates_args=())
-def linear_attention_bwd_triton(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    kv: torch.Tensor, z: torch.Tensor, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of :func:`linear_attention_fwd_triton`, contiguous."""
-    return linear_attention_triton.linear_attention_bwd(grad, q, k, v, kv, z, eps)
-
-
-def _fake_fwd(q, k, v, eps):
-    b, h, nq, d = q.shape
-    dv = v.shape[-1]
-    state = dict(dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    return q.new_empty((b, h, nq, dv)), q.new_empty((b, h, d, dv), **state), q.new_empty((b, h, d), **state)
-
-
-def _fake_bwd(grad, q, k, v, kv, z, eps):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, eps = inputs
-    _, kv, z = output
-    ctx.save_for_backward(q, k, v, kv, z)
-    ctx.eps = eps
-
-
-def _autograd_through(bwd_op):
-    """The backward of a fused forward whose backward op is ``bwd_op``."""
-
-    def backward(ctx, grad, _grad_kv, _grad_z):
-        if not any(ctx.needs_input_grad[:3]):
-            return None, None, None, None
-        q, k, v, kv, z = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad, q, k, v, kv, z, ctx.eps)
-        return dq, dk, dv, None
-
-    return backward
-
-
-linear_attention_fwd_triton.register_fake(_fake_fwd)
-linear_attention_bwd_triton.register_fake(_fake_bwd)
-linear_attention_fwd_triton.register_autograd(
-    _autograd_through(linear_attention_bwd_triton), setup_context=_setup_context
-)
-if cext.EXTENSION_ERROR is None:
-    torch.library.register_fake("amflow::linear_attention_fwd", _fake_fwd)
-    torch.library.register_fake("amflow::linear_attention_bwd", _fake_bwd)
-    torch.library.register_autograd(
-        "amflow::linear_attention_fwd",
-        _autograd_through(torch.ops.amflow.linear_attention_bwd),
-        setup_context=_setup_context,
-    )
+from . import fused
 
 
 def _as_heads(x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +50,5 @@ def linear_attention(
     chosen = select("linear_attention", backend, q, head_dims)
     if chosen == "reference":
         return reference.linear_attention(q, k, v, eps=eps)
-    fwd = linear_attention_fwd_triton if chosen == "triton" else torch.ops.amflow.linear_attention_fwd
-    out = fwd(_as_heads(q), _as_heads(k), _as_heads(v), eps)[0]
+    out = fused.op("linear_attention", chosen)(_as_heads(q), _as_heads(k), _as_heads(v), eps)[0]
     return out.reshape(*q.shape[:-1], v.shape[-1])

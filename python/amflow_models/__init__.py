@@ -8,12 +8,14 @@
 The command line is ``amflow`` (``python -m amflow_models``): synth, train, eval, visualize, demo.
 """
 
+from amflow_kernels.nn import set_backend
+
 from .backbone import create_backbone
-from .build import ModelConfig, build_model, format_report, parameter_report, set_kernels
+from .build import ModelConfig, build_model, format_report, parameter_report
 from .model import AMFlowVideoModel
 from .zeroi2v import ZeroI2V
 
 __all__ = [
     "AMFlowVideoModel", "ModelConfig", "ZeroI2V", "build_model", "create_backbone", "format_report",
-    "parameter_report", "set_kernels",
+    "parameter_report", "set_backend",
 ]

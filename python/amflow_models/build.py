@@ -34,7 +34,7 @@ class ModelConfig:
     max_frames: int = 32
     aligner_dim: int = 96
     aligner_depth: int = 1
-    kernels: str = "auto"
+    backend: str = "auto"
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
@@ -63,15 +63,8 @@ def build_model(config: ModelConfig) -> nn.Module:
         backbone, config.num_classes, flow=config.variant, flow_blocks=config.flow_blocks,
         adapter_blocks=config.adapter_blocks, tpm=config.tpm, adapter_dim=config.adapter_dim,
         offset=config.offset, max_frames=config.max_frames, aligner_dim=config.aligner_dim,
-        aligner_depth=config.aligner_depth, kernels=config.kernels,
+        aligner_depth=config.aligner_depth, backend=config.backend,
     )
-
-
-def set_kernels(model: nn.Module, kernels: str) -> None:
-    """Switch every ``amflow_kernels`` op inside ``model`` to backend ``kernels``."""
-    for module in model.modules():
-        if hasattr(module, "backend"):
-            module.backend = kernels
 
 
 COMPONENTS = {

@@ -33,7 +33,7 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="data loader processes")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--kernels", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"],
+    parser.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"],
                         help="amflow_kernels backend inside the model (reference: the unfused PyTorch ops)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("video", help="a video file or a folder of frames")
     visualize.add_argument("--out", default="amflow.png")
     visualize.add_argument("--num-frames", type=int, help="default: the checkpoint's")
-    visualize.add_argument("--kernels", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"])
+    visualize.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"])
 
     demo = commands.add_parser("demo", help="synthetic data → image model → 4 video models, compared")
     demo.add_argument("--out", default="amflow-demo")
@@ -125,7 +125,7 @@ def _train(args) -> None:
         checkpoint_path=args.checkpoint_path, backbone_kwargs=dict(args.backbone_arg), variant=args.variant,
         tpm=args.tpm, adapter_dim=args.adapter_dim, adapter_blocks=args.adapter_blocks,
         flow_blocks=args.flow_blocks, offset=args.offset, max_frames=max(32, args.num_frames),
-        aligner_dim=args.aligner_dim, aligner_depth=args.aligner_depth, kernels=args.kernels or "auto",
+        aligner_dim=args.aligner_dim, aligner_depth=args.aligner_depth, backend=args.backend or "auto",
     )
     data = DataConfig(
         train_list=args.train_list, val_list=args.val_list, format=args.format, root=args.root,
@@ -147,7 +147,7 @@ def _eval(args) -> None:
     from .engine import DataConfig, evaluate, load_checkpoint, make_loader
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, checkpoint = load_checkpoint(args.checkpoint, kernels=args.kernels, device=device)
+    model, checkpoint = load_checkpoint(args.checkpoint, backend=args.backend, device=device)
     data = DataConfig.from_dict(checkpoint["data_config"])
     annotation_file = args.list or data.val_list
     loader, classes = make_loader(data, annotation_file, train=False, batch_size=args.batch_size,
@@ -170,7 +170,7 @@ def _visualize(args) -> None:
     from .engine import DataConfig, load_checkpoint
     from .visualize import visualize_flow
 
-    model, checkpoint = load_checkpoint(args.checkpoint, kernels=args.kernels)
+    model, checkpoint = load_checkpoint(args.checkpoint, backend=args.backend)
     data = DataConfig.from_dict(checkpoint["data_config"])
     frames = args.num_frames or data.num_frames
     clip = read_clip(args.video, lambda total: uniform_indices(total, frames, train=False))

@@ -41,7 +41,7 @@ VARIANTS = {
 def run_demo(
     out: str | Path = "amflow-demo", *, train_per_class: int = 100, val_per_class: int = 30,
     image_epochs: int = 12, epochs: int = 10, batch_size: int = 16, lr: float = 2e-3, tpm: str = "lstm",
-    workers: int = 2, seed: int = 0, kernels: str = "auto", progress: bool = True, log=print,
+    workers: int = 2, seed: int = 0, backend: str = "auto", progress: bool = True, log=print,
 ) -> dict:
     """Run the demo into folder ``out`` and return its results (also in ``out/results.json``)."""
     out = Path(out)
@@ -65,7 +65,7 @@ def run_demo(
         config = ModelConfig(
             num_classes=classes, backbone="vit_tiny_patch16_224", checkpoint_path=str(image_model),
             backbone_kwargs={**TINY_VIT, "num_classes": positions}, variant=variant, tpm=tpm,
-            adapter_dim=32, aligner_dim=48, kernels=kernels,
+            adapter_dim=32, aligner_dim=48, backend=backend,
         )
         result = fit(config, data, out / variant, epochs=epochs, batch_size=batch_size, lr=lr, workers=workers,
                      seed=seed, progress=progress, log=log)

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .build import ModelConfig, build_model, set_kernels
+from amflow_kernels.nn import set_backend
+
+from .build import ModelConfig, build_model
 from .data.annotations import flip_label_pairs, load_annotations
 from .data.dataset import VideoDataset
 
@@ -122,7 +124,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def load_checkpoint(path: str | Path, *, kernels: str | None = None, device="cpu") -> tuple[torch.nn.Module, dict]:
+def load_checkpoint(path: str | Path, *, backend: str | None = None, device="cpu") -> tuple[torch.nn.Module, dict]:
     """The model a checkpoint of :func:`fit` describes, with its trained parameters, and the checkpoint."""
     path = Path(path)
     if not path.is_file():
@@ -136,8 +138,8 @@ def load_checkpoint(path: str | Path, *, kernels: str | None = None, device="cpu
             f"{sorted(expected - set(checkpoint['state']))[:5]}, unexpected {sorted(set(checkpoint['state']) - expected)[:5]}"
         )
     model.load_state_dict(checkpoint["state"], strict=False)
-    if kernels is not None:
-        set_kernels(model, kernels)
+    if backend is not None:
+        set_backend(model, backend)
     return model.to(device), checkpoint
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import amflow_kernels
-from amflow_kernels.nn import AligningEncoder
+from amflow_kernels.nn import AligningEncoder, FusedOpModule
 
 
 def _pad_last_frames(flow: torch.Tensor, offset: int) -> torch.Tensor:
@@ -22,13 +22,13 @@ def _pad_last_frames(flow: torch.Tensor, offset: int) -> torch.Tensor:
     return torch.cat([flow, zeros], dim=1).reshape(batch * (pairs + offset), tokens, features)
 
 
-class VanillaFlow(nn.Module):
+class VanillaFlow(FusedOpModule):
     """Vanilla AM flow (fixed camera): ``softmax(|S_t − S_{t+Δ}|)ᵀ·1`` per head, from
     ``amflow_kernels.am_flow``; F = H channels, one per head. No parameters."""
 
-    def __init__(self, num_heads: int, *, offset: int = 1, kernels: str = "auto"):
+    def __init__(self, num_heads: int, *, offset: int = 1, backend: str = "auto"):
         super().__init__()
-        self.features, self.offset, self.backend = num_heads, offset, kernels
+        self.features, self.offset, self.backend = num_heads, offset, backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, num_frames: int, scale: float) -> torch.Tensor:
         flow = amflow_kernels.am_flow(q, k, num_frames=num_frames, offset=self.offset, scale=scale, backend=self.backend)
@@ -41,12 +41,12 @@ class AlignedFlow(nn.Module):
 
     def __init__(
         self, num_heads: int, num_tokens: int, *, dim: int = 96, depth: int = 1, encoder_heads: int = 12,
-        offset: int = 1, kernels: str = "auto",
+        offset: int = 1, backend: str = "auto",
     ):
         super().__init__()
         self.features, self.offset = dim, offset
         self.encoder = AligningEncoder(
-            num_heads, dim, depth, encoder_heads, num_tokens=num_tokens, backend=kernels
+            num_heads, dim, depth, encoder_heads, num_tokens=num_tokens, backend=backend
         )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, num_frames: int, scale: float) -> torch.Tensor:

@@ -78,7 +78,7 @@ class AMFlowVideoModel(nn.Module):
         offset: the frame distance Δ of AM flow.
         max_frames: the longest clip the transformer TPM accepts.
         aligner_dim, aligner_depth, aligner_heads: the aligning encoder of ``flow="aligned"``.
-        kernels: the ``amflow_kernels`` backend of the flow ops (``"auto"`` or ``"reference"``, …).
+        backend: the ``amflow_kernels`` backend of the flow ops (``"auto"`` or ``"reference"``, …).
 
     If the backbone's classifier already has ``num_classes`` outputs (an image model fine-tuned on
     the dataset's frames, as in the paper), it stays frozen and gives the last frame's logits;
@@ -88,7 +88,7 @@ class AMFlowVideoModel(nn.Module):
     def __init__(
         self, backbone: nn.Module, num_classes: int, *, flow: str = "vanilla", flow_blocks=None,
         adapter_blocks=None, tpm: str = "lstm", adapter_dim: int = 64, offset: int = 1, max_frames: int = 32,
-        aligner_dim: int = 96, aligner_depth: int = 1, aligner_heads: int = 12, kernels: str = "auto",
+        aligner_dim: int = 96, aligner_depth: int = 1, aligner_heads: int = 12, backend: str = "auto",
     ):
         super().__init__()
         check_backbone(backbone)
@@ -113,9 +113,9 @@ class AMFlowVideoModel(nn.Module):
         for block in self.flow_blocks:
             heads = backbone.blocks[block - 1].attn.num_heads
             self.flows[str(block)] = (
-                VanillaFlow(heads, offset=offset, kernels=kernels) if flow == "vanilla" else
+                VanillaFlow(heads, offset=offset, backend=backend) if flow == "vanilla" else
                 AlignedFlow(heads, tokens, dim=aligner_dim, depth=aligner_depth, encoder_heads=aligner_heads,
-                            offset=offset, kernels=kernels)
+                            offset=offset, backend=backend)
             )
         self.adapters = nn.ModuleDict()
         self.tpms = nn.ModuleDict()
