@@ -1,18 +1,14 @@
 // The amflow operator library: every schema, declared once. Each backend registers its
 // kernels for these schemas with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda); fake kernels and
-// autograd are registered from Python (amflow_kernels/ops/cext.py).
+// autograd are registered from Python (amflow_kernels/ops/fused.py). What the ops compute:
+// docs/kernels.md, and each kernel file's header.
 //
-// Both ops of the package are one computation on (B, T, H, N, D) q, k of any strides:
-//   paired:     out[b, p, h, j] = Σ_i softmax_j(|scale·(S_p − S_{p+offset})|)[i, j]   (AM flow)
-//   not paired: out[b, p, h, j] = Σ_i softmax_j(scale·S_p)[i, j]                    (colsum)
-// with S_t = Q_t K_tᵀ. The forward also returns fp32 row statistics stats[b, p, h, i] =
-// (m_i, log2 Σ_j 2^{(x_ij − m_i)·log2 e}); the backward returns (dq, dk), contiguous.
-//
-// linear_attention: non-causal linear attention with φ(x) = elu(x) + 1 on q (B, H, Nq, D),
-// k (B, H, Nk, D), v (B, H, Nk, Dv) of any strides:
-//   out_i = φ(q_i)ᵀ KV / (φ(q_i)·z + eps),   KV = Σ_j φ(k_j) v_jᵀ,   z = Σ_j φ(k_j).
-// The forward returns (out, KV, z), the state in float32 (float64 for float64 inputs); the
-// backward returns (dq, dk, dv), contiguous.
+// softmax_colsum_*: q, k (B, T, H, N, D) of any strides; paired is AM flow (frame p against
+// p + offset), not paired the attention colsum. The forward returns (out (B, P, H, N), fp32
+// row statistics (B, P, H, N, 2)); the backward (dq, dk), contiguous.
+// linear_attention_*: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) of any strides. The
+// forward returns (out, KV, z), the state in float32 (float64 for float64 inputs); the backward
+// (dq, dk, dv), contiguous.
 
 #include <Python.h>
 #include <torch/library.h>
