@@ -35,15 +35,18 @@ from amflow_kernels.ops import colsum_triton
 ARCHS = (80, 90)
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 BLOCK_DS = (32, 64, 128, 256)
-BLOCKED_KERNELS = ("stats", "cols", "rowdot", "dq", "dk")
+# The blocked kernels by name: the kernel and the constexprs that select its code.
+BLOCKED_KERNELS = {
+    "stats": ("colsum_fwd_stats_kernel", {}),
+    "cols": ("colsum_fwd_cols_kernel", {}),
+    "rowdot": ("colsum_bwd_rowdot_kernel", {}),
+    "dq": ("colsum_bwd_dqk_kernel", {"FOR_K": False}),
+    "dk": ("colsum_bwd_dqk_kernel", {"FOR_K": True}),
+}
 
 
 def _dtypes(block_d: int) -> tuple[str, ...]:
     return ("bfloat16", "float32", "float16") if block_d == 64 else ("bfloat16", "float32")
-
-
-def _blocked_kernel(name: str) -> str:
-    return f"colsum_{'fwd' if name in ('stats', 'cols') else 'bwd'}_{name}_kernel"
 
 
 def _blocked_fits(cc: int, block_d: int, dtype: str) -> list[tuple[int, int, int]]:
@@ -67,12 +70,12 @@ RESIDENT_CASES = [
     if (bn := _widest_resident_rows(bm, bd, warps, dtype)) is not None
 ]
 BLOCKED_CASES = [
-    colsum_case(_blocked_kernel(kernel), dtype, cc, warps, PAIRED=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    colsum_case(kernel, dtype, cc, warps, PAIRED=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **selectors)
     for cc in ARCHS
     for bd in BLOCK_DS
     for dtype in _dtypes(bd)
     for bm, bn, warps in _blocked_fits(cc, bd, dtype) or colsum_triton.BLOCKED_CONFIGS[-1:]
-    for kernel in BLOCKED_KERNELS
+    for kernel, selectors in BLOCKED_KERNELS.values()
 ]
 # Where no candidate is left, fp32 at D = 256 (and at 128 on sm_90), the smallest tile runs and
 # may spill: the most bytes of spill stores per thread measured over the five kernels (fp32's
@@ -108,7 +111,7 @@ def usage():
 def test_no_register_spills(usage, case):
     result = usage[case_id(case)]
     c = case["constexprs"]
-    fallback = case["kernel"] in [_blocked_kernel(k) for k in BLOCKED_KERNELS] and not _blocked_fits(
+    fallback = case["kernel"] in {kernel for kernel, _ in BLOCKED_KERNELS.values()} and not _blocked_fits(
         case["cc"], c["BLOCK_D"], case["dtype"]
     )
     allowed = FALLBACK_SPILLS[(case["cc"], c["BLOCK_D"])] if fallback else 0

@@ -30,8 +30,8 @@ ITEMSIZE = {"float32": 4, "bfloat16": 2}
 
 # The dependents of the blocked kernels, at the largest tiles per head dim that an H100 admits.
 BOUND_CASES = [
-    colsum_case(kernel, dtype, 80, 4, PAIRED=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-    for kernel in ("colsum_bwd_dq_kernel", "colsum_bwd_dk_kernel")
+    colsum_case("colsum_bwd_dqk_kernel", dtype, 80, 4, PAIRED=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, FOR_K=for_k)
+    for for_k in (False, True)
     for dtype in ITEMSIZE
     for bm, bn, bd in ((128, 64, 64), (64, 128, 64), (64, 64, 128), (32, 32, 256))
 ]

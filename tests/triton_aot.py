@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 # Arguments by role: tensors of the input dtype, fp32 buffers, ints and floats.
-INPUT_TENSORS = {"Q", "K", "V", "X", "Y", "OUT", "DQ", "DK", "DV_OUT", "GRAD"}
+INPUT_TENSORS = {"Q", "K", "V", "X", "Y", "OUT", "DQ", "DK", "DQK", "DV_OUT", "GRAD"}
 FLOAT_BUFFERS = {"STATS", "C", "STATS_BWD", "S_PART", "R_PART", "DEN", "W", "KV", "Z", "DKV", "DZ"}
 FLOATS = {"scale", "eps"}
 ALIGNED = [["tt.divisibility", 16]]

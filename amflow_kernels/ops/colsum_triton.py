@@ -30,7 +30,7 @@ bitwise reproducible):
   online max, then a program per column block sums P over row blocks (same tiles, so the
   recomputed scores agree bit for bit).
 - ``colsum_bwd_rowdot_kernel`` (c and the backward's row normaliser), then
-  ``colsum_bwd_dq_kernel`` and ``colsum_bwd_dk_kernel`` on the same tiles.
+  ``colsum_bwd_dqk_kernel`` twice on the same tiles: dQ by row blocks, dK by column blocks.
 """
 
 from __future__ import annotations
@@ -481,73 +481,51 @@ def _frame_dscores(
 
 
 @triton.jit(do_not_specialize=["N", "offset"])
-def colsum_bwd_dq_kernel(
-    Q, K, STATS, GRAD, C, DQ,
+def colsum_bwd_dqk_kernel(
+    Q, K, STATS, GRAD, C, DQK,
     stride_qb, stride_qt, stride_qh, stride_qn,
     stride_kb, stride_kt, stride_kh, stride_kn,
     H, T, P, N, D, offset, scale,
-    PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+    FOR_K: tl.constexpr, PAIRED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dQ_t[rows] = scale · Σ_j E_t[rows, j] K_t[j] for a row block of frame t.
+    """dQ_t[rows] = scale · Σ_j E_t[rows, j] K_t[j] for a block of BLOCK_M rows of frame t, or,
+    FOR_K, dK_t[cols] = scale · Σ_i E_t[i, cols]ᵀ Q_t[i] for a block of BLOCK_N columns: the
+    same E_t tiles, walked along the other axis.
 
-    Grid: (B·T·H, ⌈N / BLOCK_M⌉). DQ is contiguous (B, T, H, N, D).
+    Grid: (B·T·H, ⌈N / block⌉). DQK is contiguous (B, T, H, N, D).
     """
     pid, b, t, h, q_t, k_t = _frame_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, T)
     stat_cur = ((b * P + t) * H + h) * N  # the (b, p, h) rows of pairs t and t − Δ
     stat_prev = stat_cur - offset * H * N
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
+    OWN: tl.constexpr = BLOCK_N if FOR_K else BLOCK_M  # the block this program writes
+    WALKED: tl.constexpr = BLOCK_M if FOR_K else BLOCK_N
+    own = tl.program_id(1) * OWN + tl.arange(0, OWN)
+    own_mask = own < N
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        e = _frame_dscores(
-            q_t, k_t, stride_qt, stride_kt, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D,
-            t, P, offset, stat_prev, stat_cur, STATS, C, GRAD, scale,
-            PAIRED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K,
-        )
-        k = _load_tile(k_t, cols, col_mask, stride_kn, dims, dim_mask)
-        acc += tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
-    dq = DQ + pid * N * D + rows.to(tl.int64)[:, None] * D + dims[None, :]
-    tl.store(dq, (acc * scale).to(DQ.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
-
-
-@triton.jit(do_not_specialize=["N", "offset"])
-def colsum_bwd_dk_kernel(
-    Q, K, STATS, GRAD, C, DK,
-    stride_qb, stride_qt, stride_qh, stride_qn,
-    stride_kb, stride_kt, stride_kh, stride_kn,
-    H, T, P, N, D, offset, scale,
-    PAIRED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """dK_t[cols] = scale · Σ_i E_t[i, cols]ᵀ Q_t[i] for a column block of frame t.
-
-    Grid: (B·T·H, ⌈N / BLOCK_N⌉). DK is contiguous (B, T, H, N, D).
-    """
-    pid, b, t, h, q_t, k_t = _frame_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, T)
-    stat_cur = ((b * P + t) * H + h) * N  # the (b, p, h) rows of pairs t and t − Δ
-    stat_prev = stat_cur - offset * H * N
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start in range(0, N, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_mask = rows < N
-        e = _frame_dscores(
-            q_t, k_t, stride_qt, stride_kt, rows, row_mask, stride_qn, cols, col_mask, stride_kn, D,
-            t, P, offset, stat_prev, stat_cur, STATS, C, GRAD, scale,
-            PAIRED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K,
-        )
-        q = _load_tile(q_t, rows, row_mask, stride_qn, dims, dim_mask)
-        acc += tl.dot(tl.trans(e).to(q.dtype), q, input_precision=PRECISION)
-    dk = DK + pid * N * D + cols.to(tl.int64)[:, None] * D + dims[None, :]
-    tl.store(dk, (acc * scale).to(DK.dtype.element_ty), mask=col_mask[:, None] & dim_mask[None, :])
+    acc = tl.zeros([OWN, BLOCK_D], dtype=tl.float32)
+    for start in range(0, N, WALKED):
+        walked = start + tl.arange(0, WALKED)
+        walked_mask = walked < N
+        if FOR_K:
+            e = _frame_dscores(
+                q_t, k_t, stride_qt, stride_kt, walked, walked_mask, stride_qn, own, own_mask, stride_kn, D,
+                t, P, offset, stat_prev, stat_cur, STATS, C, GRAD, scale,
+                PAIRED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K,
+            )
+            q = _load_tile(q_t, walked, walked_mask, stride_qn, dims, dim_mask)
+            acc += tl.dot(tl.trans(e).to(q.dtype), q, input_precision=PRECISION)
+        else:
+            e = _frame_dscores(
+                q_t, k_t, stride_qt, stride_kt, own, own_mask, stride_qn, walked, walked_mask, stride_kn, D,
+                t, P, offset, stat_prev, stat_cur, STATS, C, GRAD, scale,
+                PAIRED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K,
+            )
+            k = _load_tile(k_t, walked, walked_mask, stride_kn, dims, dim_mask)
+            acc += tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
+    out = DQK + pid * N * D + own.to(tl.int64)[:, None] * D + dims[None, :]
+    tl.store(out, (acc * scale).to(DQK.dtype.element_ty), mask=own_mask[:, None] & dim_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------
@@ -656,10 +634,8 @@ def colsum_bwd(
     )
     tuned = colsum_bwd_rowdot_kernel.best_config
     launch = dict(**c, **tuned.kwargs, num_warps=tuned.num_warps, num_stages=tuned.num_stages)
-    colsum_bwd_dq_kernel[(frames, triton.cdiv(n, tuned.kwargs["BLOCK_M"]))](
-        q, k, stats_bwd, grad, rowdot, dq, *strides, T=t, P=p, **launch
-    )
-    colsum_bwd_dk_kernel[(frames, triton.cdiv(n, tuned.kwargs["BLOCK_N"]))](
-        q, k, stats_bwd, grad, rowdot, dk, *strides, T=t, P=p, **launch
-    )
+    for out, for_k, block in ((dq, False, "BLOCK_M"), (dk, True, "BLOCK_N")):
+        colsum_bwd_dqk_kernel[(frames, triton.cdiv(n, tuned.kwargs[block]))](
+            q, k, stats_bwd, grad, rowdot, out, *strides, T=t, P=p, FOR_K=for_k, **launch
+        )
     return dq, dk
