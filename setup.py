@@ -131,7 +131,8 @@ setup(
     entry_points={"console_scripts": ["amflow = amflow_models.cli:main"]},
     extras_require={
         # ninja: tests/cuda_emulator builds csrc/cuda's kernels with torch's JIT extension loader
-        "test": ["pytest>=8", "pytest-benchmark>=4", "numpy", "ninja"],
+        # and CI lints with ruff (`ruff check .`, rules in pyproject.toml)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "numpy", "ninja", "ruff>=0.17,<0.18"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "numpy", "flash-colreduce"],
     },
     license="MIT",

@@ -15,4 +15,4 @@ from .ops.attention_colsum import attention_colsum
 from .ops.linear_attention import linear_attention
 
 __version__ = "0.1.0"
-__all__ = ["am_flow", "attention_colsum", "linear_attention", "nn", "available_backends", "__version__"]
+__all__ = ["__version__", "am_flow", "attention_colsum", "available_backends", "linear_attention", "nn"]

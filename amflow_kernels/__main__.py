@@ -32,7 +32,8 @@ def _versions() -> None:
     except ImportError:
         triton_version = "not installed"
     print(f"amflow_kernels {amflow_kernels.__version__}")
-    print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}")
+    print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+          f"triton {triton_version}")
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
     else:
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--require", action="append", default=[], metavar="BACKEND",
         choices=list(_dispatch.BACKENDS),
-        help="fail unless this backend is available here (repeatable), e.g. to check that an install built the extension",
+        help="fail unless this backend is available here (repeatable), "
+        "e.g. to check that an install built the extension",
     )
     args = parser.parse_args(argv)
     _versions()

@@ -10,6 +10,8 @@ rejects the inputs it raises rather than silently running the slow formulas.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from .ops.triton_device import INTERPRET as _INTERPRET
@@ -22,12 +24,16 @@ except ImportError as error:  # pragma: no cover - depends on the installation
     _TRITON_ERROR = f"triton is not importable ({error})"
 
 
+# The head-dim limits of the GPU kernels, Triton's and CUDA's alike.
+GPU_KERNEL_MAX_HEAD_DIM = {"am_flow": 256, "attention_colsum": 256, "linear_attention": 128}
+
+
 class Backend:
     name = ""
     fused = True
     dtypes: tuple[torch.dtype, ...] = ()
     # op → the largest head dim (each of D and Dv) its kernels take; an op not listed: any.
-    max_head_dim: dict[str, int] = {}
+    max_head_dim: ClassVar[dict[str, int]] = {}
 
     def unavailable(self, device: torch.device) -> str | None:
         return None
@@ -85,7 +91,7 @@ class CudaBackend(ExtensionBackend):
 
     name = device_type = "cuda"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    max_head_dim = {"am_flow": 256, "attention_colsum": 256, "linear_attention": 128}
+    max_head_dim = GPU_KERNEL_MAX_HEAD_DIM
 
 
 class TritonBackend(Backend):
@@ -93,7 +99,7 @@ class TritonBackend(Backend):
 
     name = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    max_head_dim = {"am_flow": 256, "attention_colsum": 256, "linear_attention": 128}
+    max_head_dim = GPU_KERNEL_MAX_HEAD_DIM
 
     def unavailable(self, device: torch.device) -> str | None:
         if _TRITON_ERROR is not None:

@@ -22,7 +22,7 @@ from ._validate import check_am_flow, check_frames
 from .ops.attention_colsum import attention_colsum
 from .ops.linear_attention import linear_attention
 
-__all__ = ["FusedOpModule", "LinearAttention", "AligningEncoderLayer", "AligningEncoder", "set_backend"]
+__all__ = ["AligningEncoder", "AligningEncoderLayer", "FusedOpModule", "LinearAttention", "set_backend"]
 
 
 class FusedOpModule(nn.Module):

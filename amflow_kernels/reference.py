@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["am_flow", "attention_colsum", "linear_attention", "as_frames"]
+__all__ = ["am_flow", "as_frames", "attention_colsum", "linear_attention"]
 
 
 def as_frames(x: torch.Tensor, num_frames: int | None) -> torch.Tensor:

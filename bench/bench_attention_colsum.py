@@ -54,4 +54,5 @@ def test_attention_colsum(device, shape_name, provider, mode, measure):
             ref = reference.attention_colsum(q.double(), k.double())
         err = rel_rms(fused, ref)
         assert err <= REL_RMS_TOL[q.dtype], f"{provider} colsum is off: relative RMS error {err:.3g}"
-    measure("attention_colsum", device, shape_name, mode, provider, step(_forward(provider, q, k, v), mode, (q, k, v)), (q, k, v), fused=provider in FUSED)
+    run = step(_forward(provider, q, k, v), mode, (q, k, v))
+    measure("attention_colsum", device, shape_name, mode, provider, run, (q, k, v), fused=provider in FUSED)

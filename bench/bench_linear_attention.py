@@ -65,7 +65,8 @@ def test_linear_attention(device, shape_name, provider, mode, measure):
         with torch.no_grad():
             err = rel_rms(_forward(provider, q, k, v)(), reference.linear_attention(q.double(), k.double(), v.double()))
         assert err <= REL_RMS_TOL[q.dtype], f"{provider} linear attention is off: relative RMS error {err:.3g}"
-    measure("linear_attention", device, shape_name, mode, provider, step(_forward(provider, q, k, v), mode, (q, k, v)), (q, k, v), fused=provider in FUSED)
+    run = step(_forward(provider, q, k, v), mode, (q, k, v))
+    measure("linear_attention", device, shape_name, mode, provider, run, (q, k, v), fused=provider in FUSED)
 
 
 ENCODER_PROVIDERS = {"cuda": ("triton", "cuda", "reference", "compile"), "cpu": ("cpu", "reference", "compile")}
@@ -89,4 +90,5 @@ def test_aligning_encoder(device, shape_name, provider, measure):
     module = torch.compile(encoder) if provider == "compile" else encoder
     features = torch.rand(B, N, 12, device=device, dtype=DTYPE[device], requires_grad=True)
     run = step(lambda: module(features), "fwd+bwd", (features, *encoder.parameters()))
-    measure("AligningEncoder", device, shape_name, "fwd+bwd", provider, run, (features, *encoder.parameters()), fused=provider in FUSED)
+    measure("AligningEncoder", device, shape_name, "fwd+bwd", provider, run, (features, *encoder.parameters()),
+            fused=provider in FUSED)

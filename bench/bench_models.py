@@ -12,9 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import require_backend
-
 from amflow_models import AMFlowVideoModel, create_backbone
+from helpers import require_backend
 
 SHAPES = {"cuda": {"vit_base_patch14_reg4_dinov2 B8 T8": (8, 8)}, "cpu": {"vit_base_patch14_reg4_dinov2 B1 T4": (1, 4)}}
 WORKLOADS = [(device, name, flow, backend) for device in ("cuda", "cpu") for name in SHAPES[device]
@@ -35,7 +34,10 @@ def test_am_flow_model(device, shape_name, flow, backend, mode, measure):
     model = _model(flow, backend, device)
     video = torch.randn(batch, frames, 3, 224, 224, device=device)
     labels = torch.randint(0, 174, (batch,), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    if device == "cuda":
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        autocast = torch.autocast("cpu", enabled=False)
     if backend == "auto":  # the fused model must agree with the reference one on these inputs
         reference_model = _model(flow, "reference", device)
         with torch.no_grad(), autocast:

@@ -71,7 +71,7 @@ def environment() -> dict:
     import amflow_kernels
 
     revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
     ).stdout.strip()
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
@@ -82,7 +82,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "amflow_kernels": amflow_kernels.__version__,
         "git_revision": revision,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -122,7 +122,9 @@ def measure(benchmark):
             t.grad = None
         peak_mb = _peak_extra_mb(timed, device)
         benchmark.group = f"{op} {device} {shape} {mode}"
-        benchmark.extra_info.update(op=op, device=device, shape=shape, mode=mode, provider=provider, peak_extra_mb=peak_mb)
+        benchmark.extra_info.update(
+            op=op, device=device, shape=shape, mode=mode, provider=provider, peak_extra_mb=peak_mb
+        )
         if device == "cuda":
             benchmark.pedantic(timed, rounds=20, iterations=5, warmup_rounds=1)
         else:

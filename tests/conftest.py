@@ -20,7 +20,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import BACKEND_TARGETS, target_params  # noqa: E402  (after TRITON_INTERPRET is set)
+from helpers import BACKEND_TARGETS, target_params
 
 SESSION_SEED = int(os.environ.get("AMFLOW_TEST_SEED", random.SystemRandom().randrange(2**31)))
 

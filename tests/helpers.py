@@ -96,6 +96,71 @@ def assert_close(name: str, fused: torch.Tensor, ref64: torch.Tensor, ref_lowp=N
         )
 
 
+def through_autograd(fn, *inputs):
+    """``fn(*inputs)`` as the ``fused`` of :func:`check_against_reference`: given the output's
+    gradient, its output and the inputs' gradients through autograd."""
+
+    def run(grad):
+        out = fn(*inputs)
+        return (out, *torch.autograd.grad(out, inputs, grad))
+
+    return run
+
+
+def check_against_reference(fused, reference_fn, inputs, names, with_lowp: bool = True) -> None:
+    """The one comparison every fused path is held to: ``fused(grad)`` returns the output and
+    the inputs' gradients for an output gradient ``grad`` (random, in the inputs' dtype);
+    each is compared, under ``names``, with ``reference_fn`` run in float64 on the same inputs
+    (:func:`assert_close`), and in 16-bit dtypes with that reference run in the inputs' dtype
+    (unless not ``with_lowp``: where it overflows)."""
+    inputs64 = as_float64_leaves(*inputs)
+    ref = reference_fn(*inputs64)
+    grad = torch.randn(ref.shape, dtype=inputs[0].dtype, device=inputs[0].device)
+    ref.backward(grad.double())
+    results = fused(grad)
+    assert results[0].dtype == inputs[0].dtype, f"{names[0]}: dtype {results[0].dtype}, inputs {inputs[0].dtype}"
+    lowp = [None] * len(results)
+    if with_lowp:
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        ref_lowp = reference_fn(*leaves)
+        ref_lowp.backward(grad)
+        lowp = [ref_lowp, *(leaf.grad for leaf in leaves)]
+    for name, result, expected, same_dtype in zip(names, results, [ref, *(x.grad for x in inputs64)], lowp):
+        assert_close(name, result, expected, same_dtype)
+
+
+def check_large_scores(fused, paired: bool, dtype: torch.dtype, device) -> None:
+    """|S| in the thousands (the fp16 activations of real ViTs): ``fused(q, k, grad)`` returns
+    (out, dq, dk) of AM flow (``paired``, offset 1) or the attention colsum of q, k
+    (1, 3, 2, 40, 64) at scale D^-½, which must be finite and as accurate as PyTorch.
+
+    Rows of the softmax are then nearly one-hot and the gradient g_j − c_i cancels, so the
+    bound is the data-driven one of :func:`assert_as_accurate_as_pytorch`.
+    """
+    from amflow_kernels import reference
+
+    scale = 64**-0.5
+    q, k = ((20 * torch.randn(1, 3, 2, 40, 64, device=device)).to(dtype) for _ in range(2))
+    if paired:
+        op = lambda q, k: reference.am_flow(q, k, scale=scale)  # noqa: E731
+    else:
+        op = lambda q, k: reference.attention_colsum(q, k, scale=scale)  # noqa: E731
+    q64, k64 = as_float64_leaves(q, k)
+    assert (q64 @ k64.transpose(-1, -2)).abs().max() * scale > 1000, "scores must be large"
+    ref = op(q64, k64)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    lowp = list(zip(*pytorch_in_dtype(op, (q, k), grad.to(dtype))))
+    qr, kr = as_float64_leaves(q, k)
+    scores = round_scores(scale * qr @ kr.transpose(-1, -2), dtype)
+    ref_rounded = ((scores[:, :-1] - scores[:, 1:]).abs() if paired else scores).softmax(-1).sum(-2)
+    ref_rounded.backward(grad)
+    out, dq, dk = fused(q, k, grad.to(dtype))
+    assert_as_accurate_as_pytorch("out", out, ref, lowp[0], ref_rounded)
+    assert_as_accurate_as_pytorch("dq", dq, q64.grad, lowp[1], qr.grad)
+    assert_as_accurate_as_pytorch("dk", dk, k64.grad, lowp[2], kr.grad)
+
+
 def assert_deterministic(op, q, k, **kwargs) -> None:
     """Two runs of ``op`` give bitwise-equal outputs and q/k gradients."""
     runs = []
@@ -111,7 +176,8 @@ def assert_deterministic(op, q, k, **kwargs) -> None:
 def opcheck_pair(fwd, bwd, q, k, extra) -> None:
     """opcheck a forward op (requires_grad on and off) and its backward op."""
     for requires_grad in (True, False):
-        torch.library.opcheck(fwd, (q.clone().requires_grad_(requires_grad), k.clone().requires_grad_(requires_grad), *extra))
+        inputs = (q.clone().requires_grad_(requires_grad), k.clone().requires_grad_(requires_grad))
+        torch.library.opcheck(fwd, (*inputs, *extra))
     out, stats = fwd(q, k, *extra)
     torch.library.opcheck(bwd, (torch.randn_like(out), q, k, stats, *extra))
 

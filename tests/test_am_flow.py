@@ -2,90 +2,44 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
+from cases import COLSUM_CPU_CASES, COLSUM_GPU_PARAMS, colsum_case_id
 from helpers import (
-    LAYOUTS,
-    as_float64_leaves,
-    assert_as_accurate_as_pytorch,
-    pytorch_in_dtype,
     assert_close,
     assert_deterministic,
+    check_against_reference,
+    check_large_scores,
     make_qk,
     opcheck_pair,
     require_backend,
-    round_scores,
     target_params,
+    through_autograd,
 )
 
 import amflow_kernels
 from amflow_kernels import reference
 from amflow_kernels.ops import fused
 
-# (B, T, H, N, D, offset, layout). The CPU grid runs through Triton's interpreter, so it is
-# a covering subset: every N, D, T, offset and layout of the issue's grid appears, N crosses
-# the 16/64-wide block boundaries, and D takes non-powers of two and the maximum 256.
-CPU_CASES = [
-    (1, 2, 1, 1, 8, 1, "contiguous"),
-    (2, 3, 2, 2, 16, 1, "frames"),
-    (1, 3, 2, 5, 40, 2, "qkv"),
-    (2, 2, 3, 17, 64, 1, "qkv"),
-    (1, 5, 1, 17, 80, 2, "strided"),
-    (1, 3, 2, 64, 16, 1, "frames"),
-    (2, 3, 1, 65, 64, 2, "contiguous"),
-    (1, 5, 2, 65, 40, 1, "qkv"),
-    (1, 2, 1, 33, 128, 1, "strided"),
-    (1, 3, 1, 20, 256, 1, "contiguous"),
-    # N above the kernel's 128-row block: several row blocks, on its own GEMM and on ATen's.
-    (1, 2, 1, 150, 4, 1, "qkv"),
-    (1, 3, 2, 200, 32, 1, "strided"),
-]
-# On a GPU: the whole grid of the issue plus real ViT token counts, in every dtype.
-GPU_CASES = [
-    (2, T, 3, N, D, offset, layout)
-    for (N, D), (T, offset, layout) in zip(
-        itertools.product((1, 2, 5, 17, 64, 65, 197, 261, 1370, 2048), (8, 16, 40, 64, 80, 128, 256)),
-        itertools.cycle(
-            [(t, o, lay) for t in (2, 3, 5) for o in (1, 2) for lay in LAYOUTS if t > o]
-        ),
-    )
-]
-def _case_id(case):
-    B, T, H, N, D, offset, layout = case
-    return f"B{B}-T{T}-H{H}-N{N}-D{D}-off{offset}-{layout}"
-
 
 def _check_against_reference(case, backend, dtype, device):
     B, T, H, N, D, offset, layout = case
     q, k, kw = make_qk(layout, B, T, H, N, D, dtype, device)
-    flow = amflow_kernels.am_flow(q, k, offset=offset, backend=backend, **kw)
-    grad = torch.randn_like(flow)
-    flow.backward(grad)
-
-    q64, k64 = as_float64_leaves(q, k)
-    ref = reference.am_flow(q64, k64, offset=offset, **kw)
-    ref.backward(grad.double())
-    ql, kl = (t.detach().requires_grad_() for t in (q, k))
-    ref_lowp = reference.am_flow(ql, kl, offset=offset, **kw)
-    ref_lowp.backward(grad)
-
-    assert flow.dtype == dtype and flow.shape == (B, T - offset, H, N)
-    assert_close("flow", flow, ref, ref_lowp)
-    assert_close("dq", q.grad, q64.grad, ql.grad)
-    assert_close("dk", k.grad, k64.grad, kl.grad)
+    check_against_reference(
+        through_autograd(lambda q, k: amflow_kernels.am_flow(q, k, offset=offset, backend=backend, **kw), q, k),
+        lambda q, k: reference.am_flow(q, k, offset=offset, **kw), (q, k), ("flow", "dq", "dk"),
+    )
 
 
 @pytest.mark.parametrize("target, dtype", target_params("cpu", with_dtypes=True))
-@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", COLSUM_CPU_CASES, ids=colsum_case_id)
 def test_matches_reference_cpu(case, target, dtype, monkeypatch):
     device = target.activate(monkeypatch)
     _check_against_reference(case, target.backend, dtype, device)
 
 
 @pytest.mark.parametrize("target, dtype", target_params("cuda", with_dtypes=True))
-@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", COLSUM_GPU_PARAMS)
 def test_matches_reference_cuda(case, target, dtype, monkeypatch):
     device = target.activate(monkeypatch)
     _check_against_reference(case, target.backend, dtype, device)
@@ -146,31 +100,13 @@ LARGE_SCORE_RUNS = [p for p in target_params(with_dtypes=True) if p.values[1] !=
 
 @pytest.mark.parametrize("target, dtype", LARGE_SCORE_RUNS)
 def test_large_scores(target, dtype, monkeypatch):
-    """|S| in the thousands (fp16 activations of real ViTs): finite, and as accurate as PyTorch.
+    device = target.activate(monkeypatch)
 
-    Rows of softmax(|d|) are then nearly one-hot and the gradient g_j − c_i cancels, so the
-    bound is the data-driven one of ``assert_as_accurate_as_pytorch``.
-    """
-    backend, device = target.backend, target.activate(monkeypatch)
-    q, k, _ = make_qk("contiguous", 1, 3, 2, 40, 64, torch.float32, device)
-    q = (q.detach() * 20).to(dtype).requires_grad_()
-    k = (k.detach() * 20).to(dtype).requires_grad_()
-    scale = 64**-0.5
-    q64, k64 = as_float64_leaves(q, k)
-    assert (q64 @ k64.transpose(-1, -2)).abs().max() * scale > 1000, "scores must be large"
-    ref = reference.am_flow(q64, k64)
-    grad = torch.randn_like(ref)
-    ref.backward(grad)
-    lowp_flow, lowp_dq, lowp_dk = zip(*pytorch_in_dtype(reference.am_flow, (q, k), grad.to(dtype)))
-    qr, kr = as_float64_leaves(q, k)
-    scores = round_scores(scale * qr @ kr.transpose(-1, -2), dtype)
-    ref_rounded = (scores[:, :-1] - scores[:, 1:]).abs().softmax(-1).sum(-2)
-    ref_rounded.backward(grad)
-    flow = amflow_kernels.am_flow(q, k, backend=backend)
-    flow.backward(grad.to(dtype))
-    assert_as_accurate_as_pytorch("flow", flow, ref, lowp_flow, ref_rounded)
-    assert_as_accurate_as_pytorch("dq", q.grad, q64.grad, lowp_dq, qr.grad)
-    assert_as_accurate_as_pytorch("dk", k.grad, k64.grad, lowp_dk, kr.grad)
+    def run(q, k, grad):
+        op = lambda q, k: amflow_kernels.am_flow(q, k, backend=target.backend)  # noqa: E731
+        return through_autograd(op, q.requires_grad_(), k.requires_grad_())(grad)
+
+    check_large_scores(run, True, dtype, device)
 
 
 def test_only_one_input_requires_grad(target):
@@ -251,27 +187,36 @@ BAD_INPUTS = [
     (dict(q=torch.zeros(2, 3, 4, 5)), ValueError, r"am_flow: q must have shape \(B, T, H, N, D\).*got 4 dims"),
     (dict(q=torch.zeros(6, 2, 4, 8), num_frames=4), ValueError, r"divisible by num_frames, got 6 and num_frames=4"),
     (dict(q=torch.zeros(6, 2, 4, 8), num_frames=0), ValueError, r"num_frames must be an int ≥ 1 or None, got 0"),
-    (dict(q=torch.zeros(1, 3, 2, 4, 8), num_frames=3), ValueError, r"with num_frames, q must have shape \(B·T, H, N, D\)"),
+    (dict(q=torch.zeros(1, 3, 2, 4, 8), num_frames=3), ValueError,
+     r"with num_frames, q must have shape \(B·T, H, N, D\)"),
     (dict(offset=0), ValueError, r"offset must be an int ≥ 1, got 0"),
     (dict(offset=1.0), ValueError, r"offset must be an int ≥ 1, got 1.0"),
     (dict(offset=3), ValueError, r"T must exceed offset \(T > 3\), got T=3"),
-    (dict(k=torch.zeros(1, 3, 2, 5, 8)), ValueError, r"k.shape must equal q.shape \(1, 3, 2, 4, 8\), got \(1, 3, 2, 5, 8\)"),
-    (dict(k=torch.zeros(1, 3, 2, 4, 8, dtype=torch.float64)), TypeError, r"k.dtype must equal q.dtype \(torch.float32\), got torch.float64"),
-    (dict(q=torch.zeros(1, 3, 2, 4, 8, dtype=torch.int32)), TypeError, r"q.dtype must be one of float16, bfloat16, float32, float64, got torch.int32"),
+    (dict(k=torch.zeros(1, 3, 2, 5, 8)), ValueError,
+     r"k.shape must equal q.shape \(1, 3, 2, 4, 8\), got \(1, 3, 2, 5, 8\)"),
+    (dict(k=torch.zeros(1, 3, 2, 4, 8, dtype=torch.float64)), TypeError,
+     r"k.dtype must equal q.dtype \(torch.float32\), got torch.float64"),
+    (dict(q=torch.zeros(1, 3, 2, 4, 8, dtype=torch.int32)), TypeError,
+     r"q.dtype must be one of float16, bfloat16, float32, float64, got torch.int32"),
     (dict(q=[1.0]), TypeError, r"q must be a torch.Tensor, got list"),
     (dict(k=torch.zeros(1, 3, 2, 4, 8, device="meta")), ValueError, r"k.device must equal q.device \(cpu\), got meta"),
     (dict(q=torch.zeros(1, 3, 2, 0, 8)), ValueError, r"at least one token and one channel"),
     (dict(scale=float("nan")), ValueError, r"scale must be a finite float or None, got nan"),
-    (dict(backend="cudnn"), ValueError, r"backend must be one of \('auto', 'reference', 'triton', 'cuda', 'cpu'\), got 'cudnn'"),
-    (dict(q=torch.zeros(1, 3, 2, 4, 8, dtype=torch.float16), backend="cpu"), RuntimeError, r"backend 'cpu' cannot run .*dtype torch.float16 is not supported \(accepted: float32, float64\)"),
+    (dict(backend="cudnn"), ValueError,
+     r"backend must be one of \('auto', 'reference', 'triton', 'cuda', 'cpu'\), got 'cudnn'"),
+    (dict(q=torch.zeros(1, 3, 2, 4, 8, dtype=torch.float16), backend="cpu"), RuntimeError,
+     r"backend 'cpu' cannot run .*dtype torch.float16 is not supported \(accepted: float32, float64\)"),
     (dict(backend="cuda"), RuntimeError, r"backend 'cuda' cannot run .*(runs CUDA tensors, not cpu|not available)"),
-    (dict(q=torch.zeros(1, 3, 2, 4, 300), backend="triton"), RuntimeError, r"backend 'triton' cannot run .* head dim 300 exceeds its maximum 256"),
-    (dict(q=torch.zeros(1, 3, 2, 4, 8, dtype=torch.float64), backend="triton"), RuntimeError, r"dtype torch.float64 is not supported \(accepted: float16, bfloat16, float32\)"),
+    (dict(q=torch.zeros(1, 3, 2, 4, 300), backend="triton"), RuntimeError,
+     r"backend 'triton' cannot run .* head dim 300 exceeds its maximum 256"),
+    (dict(q=torch.zeros(1, 3, 2, 4, 8, dtype=torch.float64), backend="triton"), RuntimeError,
+     r"dtype torch.float64 is not supported \(accepted: float16, bfloat16, float32\)"),
 ]
 
 
 @pytest.mark.parametrize("bad, error, message", BAD_INPUTS, ids=[m[:40] for _, _, m in BAD_INPUTS])
 def test_bad_input(bad, error, message):
+    bad = dict(bad)  # the case's own copy: the list is shared by every run
     q = bad.pop("q", torch.zeros(1, 3, 2, 4, 8))
     k = bad.pop("k", torch.zeros_like(q) if isinstance(q, torch.Tensor) else q)
     with pytest.raises(error, match=message):
@@ -284,7 +229,7 @@ def test_backends_on_cpu(monkeypatch):
 
     assert "reference" in amflow_kernels.available_backends("cpu")
     monkeypatch.setattr(_dispatch, "_INTERPRET", False)
-    with pytest.raises(RuntimeError, match="backend 'triton' cannot run .*TRITON_INTERPRET=1"):
+    with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run .*TRITON_INTERPRET=1"):
         amflow_kernels.am_flow(torch.zeros(1, 2, 1, 3, 8), torch.zeros(1, 2, 1, 3, 8), backend="triton")
     if cext.EXTENSION_ERROR is None:
         assert amflow_kernels.available_backends("cpu") == ["reference", "cpu"]
@@ -353,11 +298,14 @@ def test_cpu_row_statistics(dtype, n, paired):
 
 
 EXTENSION_BAD_INPUTS = [
-    ((torch.zeros(2, 3, 4, 8), torch.zeros(2, 3, 4, 8), 1, True), r"q must have shape \(B, T, H, N, D\), got \[2, 3, 4, 8\]"),
-    ((torch.zeros(1, 3, 2, 4, 8), torch.zeros(1, 3, 2, 5, 8), 1, True), r"k.shape must equal q.shape \[1, 3, 2, 4, 8\], got \[1, 3, 2, 5, 8\]"),
+    ((torch.zeros(2, 3, 4, 8), torch.zeros(2, 3, 4, 8), 1, True),
+     r"q must have shape \(B, T, H, N, D\), got \[2, 3, 4, 8\]"),
+    ((torch.zeros(1, 3, 2, 4, 8), torch.zeros(1, 3, 2, 5, 8), 1, True),
+     r"k.shape must equal q.shape \[1, 3, 2, 4, 8\], got \[1, 3, 2, 5, 8\]"),
     ((torch.zeros(1, 3, 2, 4, 8), torch.zeros(1, 3, 2, 4, 8), 3, True), r"T must exceed offset \(3\), got T=3"),
     ((torch.zeros(1, 3, 2, 4, 8), torch.zeros(1, 3, 2, 4, 8), 0, True), r"offset must be ≥ 1, got 0"),
-    ((torch.zeros(1, 3, 2, 4, 8, dtype=torch.float16),) * 2 + (1, True), r"q.dtype must be float32 or float64, got Half"),
+    ((torch.zeros(1, 3, 2, 4, 8, dtype=torch.float16),) * 2 + (1, True),
+     r"q.dtype must be float32 or float64, got Half"),
 ]
 
 

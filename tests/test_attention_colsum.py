@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import as_float64_leaves, assert_as_accurate_as_pytorch, assert_close, assert_deterministic, opcheck_pair, pytorch_in_dtype, round_scores, target_params
+from cases import gpu_grid_params
+from helpers import (
+    assert_deterministic,
+    check_against_reference,
+    check_large_scores,
+    opcheck_pair,
+    target_params,
+    through_autograd,
+)
 
 import amflow_kernels
 from amflow_kernels import reference
@@ -53,19 +61,10 @@ def _case_id(case):
 
 def _check_against_reference(shape, layout, backend, dtype, device):
     q, k = _make(shape, layout, dtype, device)
-    out = amflow_kernels.attention_colsum(q, k, backend=backend)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    q64, k64 = as_float64_leaves(q, k)
-    ref = reference.attention_colsum(q64, k64)
-    ref.backward(grad.double())
-    ql, kl = (t.detach().requires_grad_() for t in (q, k))
-    ref_lowp = reference.attention_colsum(ql, kl)
-    ref_lowp.backward(grad)
-    assert out.dtype == dtype and out.shape == shape[:-1]
-    assert_close("colsum", out, ref, ref_lowp)
-    assert_close("dq", q.grad, q64.grad, ql.grad)
-    assert_close("dk", k.grad, k64.grad, kl.grad)
+    check_against_reference(
+        through_autograd(lambda q, k: amflow_kernels.attention_colsum(q, k, backend=backend), q, k),
+        reference.attention_colsum, (q, k), ("colsum", "dq", "dk"),
+    )
 
 
 @pytest.mark.parametrize("target, dtype", target_params("cpu", with_dtypes=True))
@@ -76,7 +75,9 @@ def test_matches_reference_cpu(case, target, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("target, dtype", target_params("cuda", with_dtypes=True))
-@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+@pytest.mark.parametrize(
+    "case", gpu_grid_params(GPU_CASES, [_case_id(c) for c in GPU_CASES], lambda case: case[0][2] in (17, 261))
+)
 def test_matches_reference_cuda(case, target, dtype, monkeypatch):
     device = target.activate(monkeypatch)
     _check_against_reference(*case, target.backend, dtype, device)
@@ -109,26 +110,18 @@ def test_nan_stays_in_its_slice(target):
     torch.testing.assert_close(out[finite].double(), ref[finite], rtol=1e-5, atol=1e-5)
 
 
-def test_large_scores(target):
-    backend, device = target
-    """|S| in the thousands: finite, and as accurate as PyTorch (see test_am_flow)."""
-    q, k = _make((2, 40, 64), "contiguous", torch.float32, device)
-    q = (q.detach() * 20).requires_grad_()
-    k = (k.detach() * 20).requires_grad_()
-    q64, k64 = as_float64_leaves(q, k)
-    ref = reference.attention_colsum(q64, k64)
-    grad = torch.randn_like(ref)
-    ref.backward(grad)
-    lowp_out, lowp_dq, lowp_dk = zip(*pytorch_in_dtype(reference.attention_colsum, (q, k), grad.float()))
-    qr, kr = as_float64_leaves(q, k)
-    scores = round_scores(64**-0.5 * qr @ kr.transpose(-1, -2), torch.float32)
-    ref_rounded = scores.softmax(-1).sum(-2)
-    ref_rounded.backward(grad)
-    out = amflow_kernels.attention_colsum(q, k, backend=backend)
-    out.backward(grad.float())
-    assert_as_accurate_as_pytorch("colsum", out, ref, lowp_out, ref_rounded)
-    assert_as_accurate_as_pytorch("dq", q.grad, q64.grad, lowp_dq, qr.grad)
-    assert_as_accurate_as_pytorch("dk", k.grad, k64.grad, lowp_dk, kr.grad)
+# float64 is exact enough that "PyTorch's own error" is no yardstick; the grid covers it.
+@pytest.mark.parametrize(
+    "target, dtype", [p for p in target_params(with_dtypes=True) if p.values[1] != torch.float64]
+)
+def test_large_scores(target, dtype, monkeypatch):
+    device = target.activate(monkeypatch)
+
+    def run(q, k, grad):
+        op = lambda q, k: amflow_kernels.attention_colsum(q, k, backend=target.backend)  # noqa: E731
+        return through_autograd(op, q.requires_grad_(), k.requires_grad_())(grad)
+
+    check_large_scores(run, False, dtype, device)
 
 
 def test_opcheck(target):
@@ -160,7 +153,8 @@ def test_compile_fullgraph(target):
 
 
 BAD_INPUTS = [
-    (dict(q=torch.zeros(8)), ValueError, r"attention_colsum: q must have shape \(\.\.\., N, D\) with at least 2 dims, got shape \(8,\)"),
+    (dict(q=torch.zeros(8)), ValueError,
+     r"attention_colsum: q must have shape \(\.\.\., N, D\) with at least 2 dims, got shape \(8,\)"),
     (dict(k=torch.zeros(2, 5, 8)), ValueError, r"k.shape must equal q.shape \(2, 4, 8\), got \(2, 5, 8\)"),
     (dict(k=torch.zeros(2, 4, 8, dtype=torch.float16)), TypeError, r"k.dtype must equal q.dtype"),
     (dict(scale="0.1"), ValueError, r"scale must be a finite float or None, got '0.1'"),
@@ -171,6 +165,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("bad, error, message", BAD_INPUTS, ids=[m[:40] for _, _, m in BAD_INPUTS])
 def test_bad_input(bad, error, message):
+    bad = dict(bad)  # the case's own copy: the list is shared by every run
     q = bad.pop("q", torch.zeros(2, 4, 8))
     k = bad.pop("k", torch.zeros_like(q))
     with pytest.raises(error, match=message):

@@ -22,18 +22,21 @@ from __future__ import annotations
 import cuda_emulator
 import pytest
 import torch
+from cases import (
+    COLSUM_CPU_CASES,
+    LINEAR_GRID,
+    LINEAR_SHAPE_IDS,
+    LINEAR_SHAPES,
+    colsum_case_id,
+    grid_eps,
+)
 from helpers import (
-    as_float64_leaves,
-    assert_as_accurate_as_pytorch,
     assert_close,
+    check_against_reference,
+    check_large_scores,
     make_qk,
     make_qkv,
-    pytorch_in_dtype,
-    round_scores,
 )
-from test_am_flow import CPU_CASES as COLSUM_CASES
-from test_am_flow import _case_id
-from test_linear_attention import GRID, SHAPES, grid_eps
 
 from amflow_kernels import reference
 
@@ -96,74 +99,52 @@ def _frames(layout, B, T, H, N, D, dtype):
 
 @pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
 @pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
-@pytest.mark.parametrize("case", COLSUM_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", COLSUM_CPU_CASES, ids=colsum_case_id)
 def test_softmax_colsum(emulated, case, paired, build, dtype):
     B, T, H, N, D, offset, layout = case
     q, k = _frames(layout, B, T, H, N, D, dtype)
     scale = D**-0.5
-    q64, k64 = as_float64_leaves(q, k)
-    ref = _colsum_reference(q64, k64, offset, paired, scale)
-    grad = torch.randn(ref.shape, dtype=dtype)
-    ref.backward(grad.double())
-    ql, kl = (x.clone().requires_grad_() for x in (q, k))
-    ref_lowp = _colsum_reference(ql, kl, offset, paired, scale)
-    ref_lowp.backward(grad)
-    out, dq, dk = _colsum_emulated(emulated, build, q, k, grad, offset, paired, scale)
-    assert out.dtype == dtype and dq.shape == q.shape and dk.shape == k.shape
-    assert_close("out", out, ref, ref_lowp)
-    assert_close("dq", dq, q64.grad, ql.grad)
-    assert_close("dk", dk, k64.grad, kl.grad)
+    check_against_reference(
+        lambda grad: _colsum_emulated(emulated, build, q, k, grad, offset, paired, scale),
+        lambda q, k: _colsum_reference(q, k, offset, paired, scale), (q, k), ("out", "dq", "dk"),
+    )
 
 
 @pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
-def test_softmax_colsum_large_scores(emulated, build, dtype):
-    """|S| in the thousands: finite, and as accurate as PyTorch (see test_am_flow's twin)."""
-    q, k = (20 * x for x in _frames("contiguous", 1, 3, 2, 40, 64, torch.float32))
-    q, k = q.to(dtype), k.to(dtype)
-    scale = 64**-0.5
-    q64, k64 = as_float64_leaves(q, k)
-    assert (q64 @ k64.transpose(-1, -2)).abs().max() * scale > 1000, "scores must be large"
-    ref = reference.am_flow(q64, k64, scale=scale)
-    grad = torch.randn_like(ref)
-    ref.backward(grad)
-    lowp = list(zip(*pytorch_in_dtype(lambda a, b: reference.am_flow(a, b, scale=scale), (q, k), grad.to(dtype))))
-    qr, kr = as_float64_leaves(q, k)
-    scores = round_scores(scale * qr @ kr.transpose(-1, -2), dtype)
-    ref_rounded = (scores[:, :-1] - scores[:, 1:]).abs().softmax(-1).sum(-2)
-    ref_rounded.backward(grad)
-    out, dq, dk = _colsum_emulated(emulated, build, q, k, grad.to(dtype), 1, True, scale)
-    assert_as_accurate_as_pytorch("out", out, ref, lowp[0], ref_rounded)
-    assert_as_accurate_as_pytorch("dq", dq, q64.grad, lowp[1], qr.grad)
-    assert_as_accurate_as_pytorch("dk", dk, k64.grad, lowp[2], kr.grad)
+@pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
+def test_softmax_colsum_large_scores(emulated, paired, build, dtype):
+    """|S| in the thousands: finite, and as accurate as PyTorch (the fused backends' twin)."""
+    check_large_scores(
+        lambda q, k, grad: _colsum_emulated(emulated, build, q, k, grad, 1 if paired else 0, paired, 64**-0.5),
+        paired, dtype, "cpu",
+    )
 
 
 def _check_linear_attention(emulated, q, k, v, eps, sms):
     q, k, v = (x.detach() for x in (q, k, v))
-    q64, k64, v64 = as_float64_leaves(q, k, v)
-    ref = reference.linear_attention(q64, k64, v64, eps=eps)
-    grad = torch.randn(ref.shape, dtype=q.dtype)
-    ref.backward(grad.double())
-    ql, kl, vl = (x.clone().requires_grad_() for x in (q, k, v))
-    ref_lowp = reference.linear_attention(ql, kl, vl, eps=eps)
-    ref_lowp.backward(grad)
-    out, kv, z = emulated().linear_attention_fwd(q, k, v, eps, sms)
-    dq, dk, dv = emulated().linear_attention_bwd(grad, q, k, v, kv, z, eps, sms)
-    phi_k = torch.nn.functional.elu(k64.detach()) + 1
-    assert_close("kv", kv, phi_k.transpose(-1, -2) @ v64.detach())
-    assert_close("z", z, phi_k.sum(-2))
-    for name, fused, expected, same_dtype in zip(
-        ("out", "dq", "dk", "dv"), (out, dq, dk, dv), (ref, q64.grad, k64.grad, v64.grad),
-        (ref_lowp, ql.grad, kl.grad, vl.grad),
-    ):
-        assert_close(name, fused, expected, same_dtype)
+    state = {}
+
+    def run(grad):
+        out, kv, z = emulated().linear_attention_fwd(q, k, v, eps, sms)
+        state.update(kv=kv, z=z)
+        return (out, *emulated().linear_attention_bwd(grad, q, k, v, kv, z, eps, sms))
+
+    check_against_reference(
+        run, lambda q, k, v: reference.linear_attention(q, k, v, eps=eps), (q, k, v), ("out", "dq", "dk", "dv")
+    )
+    phi_k = torch.nn.functional.elu(k.double()) + 1
+    assert_close("kv", state["kv"], phi_k.transpose(-1, -2) @ v.double())
+    assert_close("z", state["z"], phi_k.sum(-2))
 
 
 # Every token count, head dim and layout of the linear-attention grid, each head dim pair once.
-LINEAR_GRID = [case for case in GRID if case[0] <= 197 or case[1] == case[2]]
+EMULATED_LINEAR_GRID = [case for case in LINEAR_GRID if case[0] <= 197 or case[1] == case[2]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
-@pytest.mark.parametrize("n, d, dv, layout", LINEAR_GRID, ids=[f"N{n}-D{d}-Dv{dv}-{lay}" for n, d, dv, lay in LINEAR_GRID])
+@pytest.mark.parametrize(
+    "n, d, dv, layout", EMULATED_LINEAR_GRID, ids=[f"N{n}-D{d}-Dv{dv}-{lay}" for n, d, dv, lay in EMULATED_LINEAR_GRID]
+)
 def test_linear_attention_grid(emulated, n, d, dv, layout, dtype):
     _check_linear_attention(emulated, *make_qkv(layout, (2, 3), n, n, d, dv, dtype, "cpu"), grid_eps(n), H100_SMS)
 
@@ -172,7 +153,7 @@ def test_linear_attention_grid(emulated, n, d, dv, layout, dtype):
 # the chunking of an H100 (a chunk per 32-token tile here: many partial states to sum) and of
 # a one-multiprocessor device (few chunks, each looping over several tiles).
 @pytest.mark.parametrize("sms", [H100_SMS, 1])
-@pytest.mark.parametrize("lead, nq, nk, d, dv, eps", SHAPES, ids=[f"{s[0]}-{s[1]}x{s[2]}-{s[3]}x{s[4]}" for s in SHAPES])
+@pytest.mark.parametrize("lead, nq, nk, d, dv, eps", LINEAR_SHAPES, ids=LINEAR_SHAPE_IDS)
 def test_linear_attention_shapes(emulated, lead, nq, nk, d, dv, eps, sms):
     q, k, v = make_qkv("contiguous", lead, nq, nk, d, dv, torch.float32, "cpu")
     q, k, v = (x.reshape(-1, 1, *x.shape[-2:]) for x in (q, k, v))  # the kernels take (B, H, N, D)
@@ -197,7 +178,7 @@ def _in_both_schedules(kernels, run):
 # kernels to their promise of results that do not depend on scheduling.
 @pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
 @pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
-@pytest.mark.parametrize("case", [(2, 3, 2, 65, 40, 1, "qkv"), (1, 3, 1, 33, 128, 2, "strided")], ids=_case_id)
+@pytest.mark.parametrize("case", [(2, 3, 2, 65, 40, 1, "qkv"), (1, 3, 1, 33, 128, 2, "strided")], ids=colsum_case_id)
 def test_softmax_colsum_race_free(emulated, case, paired, build, dtype):
     B, T, H, N, D, offset, layout = case
     q, k = _frames(layout, B, T, H, N, D, dtype)

@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from helpers import BACKEND_TARGETS, as_float64_leaves, assert_close, make_qkv, rel_rms, require_backend, target_params
+from cases import (
+    LINEAR_GPU_PARAMS,
+    LINEAR_GRID,
+    LINEAR_GRID_IDS,
+    LINEAR_SHAPE_IDS,
+    LINEAR_SHAPES,
+    grid_eps,
+)
+from helpers import (
+    BACKEND_TARGETS,
+    as_float64_leaves,
+    assert_close,
+    check_against_reference,
+    make_qkv,
+    rel_rms,
+    require_backend,
+    target_params,
+    through_autograd,
+)
 
 import amflow_kernels
 from amflow_kernels import reference
-from amflow_kernels.ops import fused
-from amflow_kernels.ops import linear_attention_triton
-
-TOKENS = (1, 3, 17, 64, 197, 1370)
-HEAD_DIMS = (8, 12, 32, 64)
-LAYOUTS = ("contiguous", "projection", "transposed")
-# The full grid N × D × Dv, the layouts taking turns so each meets every size.
-GRID = [
-    (n, d, dv, LAYOUTS[i % len(LAYOUTS)])
-    for i, (n, d, dv) in enumerate(itertools.product(TOKENS, HEAD_DIMS, HEAD_DIMS))
-]
+from amflow_kernels.ops import fused, linear_attention_triton
 
 
 def la_params(device: str):
@@ -39,66 +45,36 @@ def la_params(device: str):
     return params
 
 
-def check_against_reference(q, k, v, backend, eps=1e-6, with_lowp=True):
+def _check(q, k, v, backend, eps=1e-6, with_lowp=True):
     """Fused values and q/k/v gradients against the float64 reference (and, in 16-bit dtypes,
     no more than twice the error of the reference run in that dtype)."""
-    out = amflow_kernels.linear_attention(q, k, v, eps=eps, backend=backend)
-    assert out.dtype == q.dtype and out.shape == (*q.shape[:-1], v.shape[-1])
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    q64, k64, v64 = as_float64_leaves(q, k, v)
-    ref = reference.linear_attention(q64, k64, v64, eps=eps)
-    ref.backward(grad.double())
-    lowp = [None] * 4
-    if with_lowp:
-        ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
-        ref_lowp = reference.linear_attention(ql, kl, vl, eps=eps)
-        ref_lowp.backward(grad)
-        lowp = [ref_lowp, ql.grad, kl.grad, vl.grad]
-    for name, fused, expected, same_dtype in zip(
-        ("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), (ref, q64.grad, k64.grad, v64.grad), lowp
-    ):
-        assert_close(name, fused, expected, same_dtype)
-
-
-def grid_eps(n: int) -> float:
-    """The default eps, but 10 for a single token. There dq and dk are exactly
-    φ'(q)⊙φ(k)·(g·v)·eps/den², a difference of terms den/eps times larger: at eps = 1e-6 they
-    are below fp32 (and near float64) resolution and every implementation's dq, dk, PyTorch's
-    included, is rounding noise. With eps = 10 (den ~ 1.3·D + eps) they are well conditioned."""
-    return 10.0 if n == 1 else 1e-6
+    check_against_reference(
+        through_autograd(lambda q, k, v: amflow_kernels.linear_attention(q, k, v, eps=eps, backend=backend), q, k, v),
+        lambda q, k, v: reference.linear_attention(q, k, v, eps=eps), (q, k, v), ("out", "dq", "dk", "dv"),
+        with_lowp=with_lowp,
+    )
 
 
 @pytest.mark.parametrize("target, dtype", la_params("cpu"))
-@pytest.mark.parametrize("n, d, dv, layout", GRID, ids=[f"N{n}-D{d}-Dv{dv}-{lay}" for n, d, dv, lay in GRID])
+@pytest.mark.parametrize("n, d, dv, layout", LINEAR_GRID, ids=LINEAR_GRID_IDS)
 def test_grid_cpu(n, d, dv, layout, target, dtype, monkeypatch):
     device = target.activate(monkeypatch)
-    check_against_reference(*make_qkv(layout, (2, 3), n, n, d, dv, dtype, device), target.backend, grid_eps(n))
+    _check(*make_qkv(layout, (2, 3), n, n, d, dv, dtype, device), target.backend, grid_eps(n))
 
 
 @pytest.mark.parametrize("target, dtype", la_params("cuda"))
-@pytest.mark.parametrize("n, d, dv, layout", GRID, ids=[f"N{n}-D{d}-Dv{dv}-{lay}" for n, d, dv, lay in GRID])
-def test_grid_cuda(n, d, dv, layout, target, dtype, monkeypatch):
+@pytest.mark.parametrize("case", LINEAR_GPU_PARAMS)
+def test_grid_cuda(case, target, dtype, monkeypatch):
     device = target.activate(monkeypatch)
-    check_against_reference(*make_qkv(layout, (4, 12), n, n, d, dv, dtype, device), target.backend, grid_eps(n))
+    n, d, dv, layout = case
+    _check(*make_qkv(layout, (4, 12), n, n, d, dv, dtype, device), target.backend, grid_eps(n))
 
 
-# (leading dims, Nq, Nk, D, Dv, eps): every rank, cross attention (Nq ≠ Nk), head dims up to
-# the kernels' maximum, and the normaliser's eps at 0 and large (one key: see grid_eps).
-SHAPES = [
-    ((), 5, 9, 8, 16, 1e-6),
-    ((3,), 33, 7, 16, 8, 1e-6),
-    ((2, 2), 70, 130, 40, 24, 0.0),
-    ((2, 1, 3), 20, 20, 128, 128, 1e-6),
-    ((1, 2, 1, 2), 65, 1, 96, 100, 50.0),
-]
-
-
-@pytest.mark.parametrize("lead, nq, nk, d, dv, eps", SHAPES, ids=[f"{s[0]}-{s[1]}x{s[2]}-{s[3]}x{s[4]}" for s in SHAPES])
+@pytest.mark.parametrize("lead, nq, nk, d, dv, eps", LINEAR_SHAPES, ids=LINEAR_SHAPE_IDS)
 @pytest.mark.parametrize("target", target_params(targets=BACKEND_TARGETS))
 def test_shapes(lead, nq, nk, d, dv, eps, target, monkeypatch):
     device = target.activate(monkeypatch)
-    check_against_reference(*make_qkv("contiguous", lead, nq, nk, d, dv, torch.float32, device), target.backend, eps)
+    _check(*make_qkv("contiguous", lead, nq, nk, d, dv, torch.float32, device), target.backend, eps)
 
 
 @pytest.mark.parametrize("target", target_params(targets=BACKEND_TARGETS))
@@ -111,7 +87,7 @@ def test_fp16_long_sequence_large_activations(target, monkeypatch):
     q, k, v = make_qkv("contiguous", (1, 2), 4096, 4096, 64, 64, torch.float16, device, scale=30.0)
     with torch.no_grad():
         assert not torch.isfinite(reference.linear_attention(q, k, v)).all(), "the fp16 reference no longer overflows"
-    check_against_reference(q, k, v, target.backend, with_lowp=False)
+    _check(q, k, v, target.backend, with_lowp=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -123,7 +99,7 @@ def test_triton_state_slices(target, dtype, monkeypatch):
     q, k, v = make_qkv("projection", (1, 2), 70, 70, 128, 100, dtype, device)
     launch = linear_attention_triton._Launch(q, v)
     assert (launch.block_e, launch.slices) == (32, 4) and launch.chunks(70)[0] > 1
-    check_against_reference(q, k, v, "triton")
+    _check(q, k, v, "triton")
 
 
 def test_deterministic(backend_target):
@@ -156,7 +132,7 @@ def test_nan_stays_in_its_head(backend_target):
 def test_large_activations_fp32(backend_target):
     """|q|, |k| ~ 100: φ(x) = x + 1 and e^x for large |x| stay exact in fp32."""
     backend, device = backend_target
-    check_against_reference(*make_qkv("contiguous", (2, 2), 97, 97, 32, 16, torch.float32, device, scale=100.0), backend)
+    _check(*make_qkv("contiguous", (2, 2), 97, 97, 32, 16, torch.float32, device, scale=100.0), backend)
 
 
 def test_only_some_inputs_require_grad(backend_target):
@@ -243,21 +219,28 @@ def _qkv(nq=4, nk=4, d=8, dv=8, dtype=torch.float32, lead=(1, 2)):
 
 BAD_INPUTS = [
     (dict(q=[1.0]), TypeError, r"linear_attention: q must be a torch.Tensor, got list"),
-    (dict(v=torch.zeros(1, 2, 4, 8, dtype=torch.float64)), TypeError, r"v.dtype must equal q.dtype \(torch.float32\), got torch.float64"),
-    (dict(_qkv(dtype=torch.int64)), TypeError, r"q.dtype must be one of float16, bfloat16, float32, float64, got torch.int64"),
+    (dict(v=torch.zeros(1, 2, 4, 8, dtype=torch.float64)), TypeError,
+     r"v.dtype must equal q.dtype \(torch.float32\), got torch.float64"),
+    (dict(_qkv(dtype=torch.int64)), TypeError,
+     r"q.dtype must be one of float16, bfloat16, float32, float64, got torch.int64"),
     (dict(k=torch.zeros(1, 2, 4, 8, device="meta")), ValueError, r"k.device must equal q.device \(cpu\), got meta"),
     (dict(q=torch.zeros(8)), ValueError, r"must have shapes \(..., Nq, D\), \(..., Nk, D\), \(..., Nk, Dv\)"),
-    (dict(k=torch.zeros(1, 3, 4, 8)), ValueError, r"k.shape must be \(..., Nk, D\) = \(1, 2, Nk, 8\) to match q \(1, 2, 4, 8\), got \(1, 3, 4, 8\)"),
+    (dict(k=torch.zeros(1, 3, 4, 8)), ValueError,
+     r"k.shape must be \(..., Nk, D\) = \(1, 2, Nk, 8\) to match q \(1, 2, 4, 8\), got \(1, 3, 4, 8\)"),
     (dict(k=torch.zeros(1, 2, 4, 9)), ValueError, r"k.shape must be .* got \(1, 2, 4, 9\)"),
     (dict(v=torch.zeros(1, 2, 5, 8)), ValueError, r"v.shape must be \(..., Nk, Dv\) .* got \(1, 2, 5, 8\)"),
     (dict(_qkv(nk=0)), ValueError, r"at least one token and one channel"),
     (dict(eps=-1e-3), ValueError, r"eps must be a finite float ≥ 0, got -0.001"),
     (dict(eps=float("inf")), ValueError, r"eps must be a finite float ≥ 0, got inf"),
-    (dict(backend="flash"), ValueError, r"backend must be one of \('auto', 'reference', 'triton', 'cuda', 'cpu'\), got 'flash'"),
-    (dict(_qkv(dtype=torch.float16), backend="cpu"), RuntimeError, r"backend 'cpu' cannot run .*dtype torch.float16 is not supported"),
-    (dict(_qkv(d=130), backend="triton"), RuntimeError, r"backend 'triton' cannot run .*D 130 exceeds its maximum 128 for linear_attention"),
+    (dict(backend="flash"), ValueError,
+     r"backend must be one of \('auto', 'reference', 'triton', 'cuda', 'cpu'\), got 'flash'"),
+    (dict(_qkv(dtype=torch.float16), backend="cpu"), RuntimeError,
+     r"backend 'cpu' cannot run .*dtype torch.float16 is not supported"),
+    (dict(_qkv(d=130), backend="triton"), RuntimeError,
+     r"backend 'triton' cannot run .*D 130 exceeds its maximum 128 for linear_attention"),
     (dict(_qkv(dv=200), backend="triton"), RuntimeError, r"Dv 200 exceeds its maximum 128 for linear_attention"),
-    (dict(_qkv(dtype=torch.float64), backend="triton"), RuntimeError, r"dtype torch.float64 is not supported \(accepted: float16, bfloat16, float32\)"),
+    (dict(_qkv(dtype=torch.float64), backend="triton"), RuntimeError,
+     r"dtype torch.float64 is not supported \(accepted: float16, bfloat16, float32\)"),
 ]
 
 
@@ -270,8 +253,10 @@ def test_bad_input(bad, error, message):
 
 EXTENSION_BAD_INPUTS = [
     ((torch.zeros(2, 4, 8),) * 3, r"q, k, v must have shapes \(B, H, Nq, D\)"),
-    ((torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 6), torch.zeros(1, 2, 4, 8)), r"k.shape must be \(B, H, Nk, D\) matching q"),
-    ((torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 5, 8)), r"v.shape must be \(B, H, Nk, Dv\) matching k"),
+    ((torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 6), torch.zeros(1, 2, 4, 8)),
+     r"k.shape must be \(B, H, Nk, D\) matching q"),
+    ((torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 5, 8)),
+     r"v.shape must be \(B, H, Nk, Dv\) matching k"),
     ((torch.zeros(1, 2, 4, 8, dtype=torch.float16),) * 3, r"q.dtype must be float32 or float64, got Half"),
 ]
 

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from amflow_models.cli import main
 from amflow_models.data.annotations import flip_label_pairs, load_annotations
 from amflow_models.data.dataset import VideoDataset, dense_indices, uniform_indices
@@ -33,17 +32,19 @@ def test_synthetic_clips_are_deterministic_and_read_back_close_to_rendered(synth
     assert (again / "train.txt").read_text() == (synthetic / "train.txt").read_text()
     for split in ("train", "val"):  # the H.264 bitstream may differ; the decoded frames may not
         for video in sorted((synthetic / "videos" / split).iterdir()):
-            every_frame = lambda total: range(total)  # noqa: E731
-            assert torch.equal(read_clip(video, every_frame), read_clip(again / "videos" / split / video.name, every_frame))
+            again_clip = read_clip(again / "videos" / split / video.name, range)  # every frame
+            assert torch.equal(read_clip(video, range), again_clip)
     rendered, _ = render_clip(0, np.random.default_rng([0, 0, 0]), num_frames=6, size=32, camera_motion=True)
-    decoded = read_clip(synthetic / "videos/train/00000.mp4", lambda total: range(total))
+    decoded = read_clip(synthetic / "videos/train/00000.mp4", range)
     assert decoded.shape == (6, 32, 32, 3) and decoded.dtype == torch.uint8
     other, _ = render_clip(1, np.random.default_rng([0, 0, 1]), num_frames=6, size=32, camera_motion=True)
     error = (decoded.float() - torch.from_numpy(rendered).float()).abs().mean()
     unrelated = (decoded.float() - torch.from_numpy(other).float()).abs().mean()
     # lossless H.264 of 4:2:0 chroma on 32-pixel frames: a few of 255; another clip: ~40
     assert error < 12 and unrelated > 3 * error, f"decoded clip error {error:.1f}, other clip {unrelated:.1f}"
-    records, classes = load_annotations("list", synthetic / "train.txt", synthetic, labels_file=synthetic / "classes.txt")
+    records, classes = load_annotations(
+        "list", synthetic / "train.txt", synthetic, labels_file=synthetic / "classes.txt"
+    )
     assert classes == list(CLASSES) and len(records) == 2 * len(CLASSES)
     assert sorted(r.label for r in records) == sorted(list(range(len(CLASSES))) * 2)
 
@@ -94,7 +95,7 @@ def test_kinetics_csv_and_missing_clips(tmp_path):
     csv = tmp_path / "train.csv"
     csv.write_text("label,youtube_id,time_start,time_end,split\nabseiling,abc,10,20,train\n"
                    "zumba,zumba,1,11,train\nzumba,gone,0,10,train\n")
-    with pytest.raises(FileNotFoundError, match="1 of 3 clips .* do not exist.*gone_000000_000010"):
+    with pytest.raises(FileNotFoundError, match=r"1 of 3 clips .* do not exist.*gone_000000_000010"):
         load_annotations("kinetics", csv, tmp_path)
     records, classes = load_annotations("kinetics", csv, tmp_path, skip_missing=True)
     assert classes == ["abseiling", "zumba"] and [r.label for r in records] == [0, 1]
@@ -151,7 +152,8 @@ def test_bad_annotations(tmp_path, fmt, content, match):
 def test_cli_train_eval_visualize_round_trip(synthetic, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--root", str(synthetic), "--labels-file", str(synthetic / "classes.txt")]
-    backbone = [f"--backbone-arg={kv}" for kv in ("img_size=32", "patch_size=8", "embed_dim=32", "depth=2", "num_heads=2")]
+    tiny = ("img_size=32", "patch_size=8", "embed_dim=32", "depth=2", "num_heads=2")
+    backbone = [f"--backbone-arg={kv}" for kv in tiny]
     assert main(["train", "--train-list", str(synthetic / "train.txt"), "--val-list", str(synthetic / "val.txt"),
                  *common, "--backbone", "vit_tiny_patch16_224", *backbone, "--variant", "aligned",
                  "--aligner-dim", "24", "--tpm", "tcn", "--adapter-dim", "8", "--num-frames", "4", "--epochs", "2",

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from amflow_models import (
+    AMFlowVideoModel,
+    ModelConfig,
+    ZeroI2V,
+    build_model,
+    create_backbone,
+    parameter_report,
+    set_backend,
+)
+from amflow_models.tpm import TPM_KINDS
 
 from amflow_kernels import reference
-from amflow_models import AMFlowVideoModel, ModelConfig, ZeroI2V, build_model, create_backbone, parameter_report, set_backend
-from amflow_models.tpm import TPM_KINDS
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4)
 
@@ -188,9 +196,11 @@ def test_bf16_autocast_on_gpu_matches_the_reference_kernels(flow):
 @pytest.mark.parametrize(
     "build, match",
     [
-        (lambda: AMFlowVideoModel(tiny_backbone(), 4, tpm="gru"), "tpm must be one of lstm, tcn, transformer, got 'gru'"),
+        (lambda: AMFlowVideoModel(tiny_backbone(), 4, tpm="gru"),
+         "tpm must be one of lstm, tcn, transformer, got 'gru'"),
         (lambda: AMFlowVideoModel(tiny_backbone(), 4, flow="optical"), "flow must be one of none, vanilla, aligned"),
-        (lambda: AMFlowVideoModel(tiny_backbone(), 4, flow_blocks=[0, 2]), r"flow_blocks must be block numbers in 1..3"),
+        (lambda: AMFlowVideoModel(tiny_backbone(), 4, flow_blocks=[0, 2]),
+         r"flow_blocks must be block numbers in 1..3"),
         (lambda: AMFlowVideoModel(tiny_backbone(), 4, adapter_blocks=[1], flow_blocks=[2]), "must be adapted blocks"),
         (lambda: AMFlowVideoModel(tiny_backbone(), 0), "num_classes"),
         (lambda: ZeroI2V(tiny_backbone(), 4, temporal_heads={7: 1}), r"temporal_heads must map heads in 0..3"),

@@ -36,7 +36,7 @@ def _assert_same_training_step(fused, eager, run, rtol):
         torch.testing.assert_close(x.grad, y.grad, rtol=rtol, atol=rtol)
     for (name, p), q in zip(fused.named_parameters(), eager.parameters()):
         assert p.grad is not None, f"{name} got no gradient"
-        torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _dtype_for(backend):
@@ -103,14 +103,19 @@ def test_aligning_encoder_compiles(backend_target):
 
 
 BAD_CONFIGS = [
-    (lambda: LinearAttention(100, num_heads=12), r"LinearAttention: dim must be divisible by num_heads .* got dim=100, num_heads=12"),
+    (lambda: LinearAttention(100, num_heads=12),
+     r"LinearAttention: dim must be divisible by num_heads .* got dim=100, num_heads=12"),
     (lambda: LinearAttention(96, num_heads=0), r"LinearAttention: num_heads must be an int ≥ 1, got 0"),
     (lambda: AligningEncoder(depth=0), r"AligningEncoder: depth must be an int ≥ 1, got 0"),
     (lambda: AligningEncoder(num_tokens=2.5), r"AligningEncoder: num_tokens must be an int ≥ 1, got 2.5"),
-    (lambda: AligningEncoder(in_features=4, dim=24)(torch.zeros(2, 5, 3)), r"features must have shape \(..., N, 4\), got \(2, 5, 3\)"),
-    (lambda: AligningEncoder(in_features=4, dim=24, num_tokens=6)(torch.zeros(2, 5, 4)), r"position embedding is for N=6 tokens, got N=5"),
-    (lambda: AligningEncoder(in_features=2, dim=24).aligned_flow(torch.zeros(1, 1, 2, 5, 8), torch.zeros(1, 1, 2, 5, 8)), r"am_flow: the number of frames T must exceed offset \(T > 1\), got T=1"),
-    (lambda: AligningEncoder(in_features=2, dim=24).frame_features(torch.zeros(2, 5, 8), torch.zeros(2, 5, 8)), r"AligningEncoder.frame_features: q must have shape \(B, T, H, N, D\)"),
+    (lambda: AligningEncoder(in_features=4, dim=24)(torch.zeros(2, 5, 3)),
+     r"features must have shape \(..., N, 4\), got \(2, 5, 3\)"),
+    (lambda: AligningEncoder(in_features=4, dim=24, num_tokens=6)(torch.zeros(2, 5, 4)),
+     r"position embedding is for N=6 tokens, got N=5"),
+    (lambda: AligningEncoder(in_features=2, dim=24).aligned_flow(*torch.zeros(2, 1, 1, 2, 5, 8)),
+     r"am_flow: the number of frames T must exceed offset \(T > 1\), got T=1"),
+    (lambda: AligningEncoder(in_features=2, dim=24).frame_features(torch.zeros(2, 5, 8), torch.zeros(2, 5, 8)),
+     r"AligningEncoder.frame_features: q must have shape \(B, T, H, N, D\)"),
 ]
 
 

@@ -73,7 +73,7 @@ def test_blocked_bound_holds(shared_memory, case):
     c = case["constexprs"]
     bound = colsum_triton.blocked_shared_memory_bound(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], ITEMSIZE[case["dtype"]])
     needed = shared_memory[case_id(case)]
-    assert needed <= bound, f"needs {needed} bytes of shared memory, above the bound the configs are pruned by ({bound})"
+    assert needed <= bound, f"needs {needed} bytes of shared memory, above the bound configs are pruned by ({bound})"
 
 
 @pytest.mark.parametrize("dtype", ITEMSIZE)

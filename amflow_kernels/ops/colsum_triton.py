@@ -226,7 +226,8 @@ def _frame_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, st
     h = pid % H
     f = (pid // H) % F
     b = pid // (H * F)
-    return pid, b, f, h, Q + b * stride_qb + f * stride_qt + h * stride_qh, K + b * stride_kb + f * stride_kt + h * stride_kh
+    q_base = Q + b * stride_qb + f * stride_qt + h * stride_qh
+    return pid, b, f, h, q_base, K + b * stride_kb + f * stride_kt + h * stride_kh
 
 
 @triton.jit

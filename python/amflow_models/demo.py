@@ -19,8 +19,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from .build import ModelConfig, parameter_report
 from .data.annotations import load_annotations
 from .data.synthetic import generate_synthetic
@@ -87,9 +85,9 @@ def run_demo(
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _plot(rows, 1 / classes, out / "accuracy.png")
-    model, checkpoint = load_checkpoint(out / "vanilla" / "best.pt")
+    model, _ = load_checkpoint(out / "vanilla" / "best.pt")
     records, names = load_annotations("list", data.val_list, root, labels_file=data.labels_file)
-    clip = read_clip(records[0].path, lambda total: range(total))
+    clip = read_clip(records[0].path, range)  # every frame
     visualize_flow(model, clip, out / "flow.png", image_size=TINY_VIT["img_size"], **NORMALISE,
                    title=f"vanilla AM flow, blocks 1-{TINY_VIT['depth']}: a clip of '{names[records[0].label]}'")
     log(format_table(results))
@@ -103,7 +101,8 @@ def format_table(results: dict) -> str:
         f"Synthetic motion, {len(results['variants'])} variants at equal budget "
         f"(chance {results['chance']:.3f}; image model's frame top-1 on its own task "
         f"{results['image_model_frame_top1']:.3f}):",
-        f"{'variant':<32} {'best top-1':>10} {'top-5':>7} {'final top-1':>11} {'trainable':>10} {'frozen':>9} {'time':>7}",
+        f"{'variant':<32} {'best top-1':>10} {'top-5':>7} {'final top-1':>11} "
+        f"{'trainable':>10} {'frozen':>9} {'time':>7}",
     ]
     for row in results["variants"].values():
         lines.append(

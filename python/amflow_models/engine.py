@@ -50,7 +50,7 @@ class DataConfig:
     min_scale: float = 0.4
 
     @classmethod
-    def from_dict(cls, values: dict) -> "DataConfig":
+    def from_dict(cls, values: dict) -> DataConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -115,7 +115,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, *
         top1 += (ranked[:, 0] == label).sum().item()
         top5 += (ranked == label[:, None]).any(1).sum().item()
         count += label.numel()
-        confusion += torch.bincount(label.cpu() * classes + ranked[:, 0].cpu(), minlength=classes**2).view(classes, classes)
+        pairs = label.cpu() * classes + ranked[:, 0].cpu()
+        confusion += torch.bincount(pairs, minlength=classes**2).view(classes, classes)
     return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count, "clips": count,
             "confusion": confusion.tolist()}
 
@@ -135,7 +136,8 @@ def load_checkpoint(path: str | Path, *, backend: str | None = None, device="cpu
     if set(checkpoint["state"]) != expected:
         raise ValueError(
             f"checkpoint {str(path)!r} does not match its model config: missing "
-            f"{sorted(expected - set(checkpoint['state']))[:5]}, unexpected {sorted(set(checkpoint['state']) - expected)[:5]}"
+            f"{sorted(expected - set(checkpoint['state']))[:5]}, "
+            f"unexpected {sorted(set(checkpoint['state']) - expected)[:5]}"
         )
     model.load_state_dict(checkpoint["state"], strict=False)
     if backend is not None:
@@ -237,7 +239,8 @@ def train_image_model(
     metrics = {}
     for epoch in range(epochs):
         model.train()
-        for image, label in tqdm(train_loader, desc=f"image model {epoch + 1}/{epochs}", leave=False, disable=not progress):
+        bar = tqdm(train_loader, desc=f"image model {epoch + 1}/{epochs}", leave=False, disable=not progress)
+        for image, label in bar:
             loss = F.cross_entropy(model(image[:, 0]), label)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

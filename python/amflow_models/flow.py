@@ -31,7 +31,9 @@ class VanillaFlow(FusedOpModule):
         self.features, self.offset, self.backend = num_heads, offset, backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, num_frames: int, scale: float) -> torch.Tensor:
-        flow = amflow_kernels.am_flow(q, k, num_frames=num_frames, offset=self.offset, scale=scale, backend=self.backend)
+        flow = amflow_kernels.am_flow(
+            q, k, num_frames=num_frames, offset=self.offset, scale=scale, backend=self.backend
+        )
         return _pad_last_frames(flow.transpose(-1, -2), self.offset)
 
 

@@ -42,9 +42,9 @@ def check_video(model: str, video: torch.Tensor, backbone: nn.Module, min_frames
             f"got {video.shape[1]}"
         )
     size = getattr(backbone.patch_embed, "img_size", None)
-    if size is not None and not getattr(backbone.patch_embed, "dynamic_img_size", False):
-        if tuple(video.shape[-2:]) != tuple(size):
-            raise ValueError(f"{model}: frames must be {tuple(size)} pixels, got {tuple(video.shape[-2:])}")
+    fixed_size = size is not None and not getattr(backbone.patch_embed, "dynamic_img_size", False)
+    if fixed_size and tuple(video.shape[-2:]) != tuple(size):
+        raise ValueError(f"{model}: frames must be {tuple(size)} pixels, got {tuple(video.shape[-2:])}")
     if not video.is_floating_point():
         raise TypeError(f"{model}: video must be a float tensor (normalised frames), got {video.dtype}")
 
@@ -53,7 +53,7 @@ def check_blocks(name: str, blocks, depth: int) -> tuple[int, ...]:
     """Block numbers (1-based, as the paper's "AM/2(1,12)"); ``None`` means all ``depth`` blocks."""
     if blocks is None:
         return tuple(range(1, depth + 1))
-    blocks = tuple(sorted(set(int(b) for b in blocks)))
+    blocks = tuple(sorted({int(b) for b in blocks}))
     if not blocks or blocks[0] < 1 or blocks[-1] > depth:
         raise ValueError(f"{name} must be block numbers in 1..{depth} (1-based), got {blocks}")
     return blocks
@@ -103,9 +103,12 @@ class AMFlowVideoModel(nn.Module):
         self.num_classes, self.flow_kind, self.offset = num_classes, flow, offset
         depth = len(backbone.blocks)
         self.adapter_blocks = check_blocks("adapter_blocks", adapter_blocks, depth)
-        self.flow_blocks = () if flow == "none" else check_blocks("flow_blocks", flow_blocks or self.adapter_blocks, depth)
+        flow_blocks = flow_blocks or self.adapter_blocks
+        self.flow_blocks = () if flow == "none" else check_blocks("flow_blocks", flow_blocks, depth)
         if not set(self.flow_blocks) <= set(self.adapter_blocks):
-            raise ValueError(f"flow_blocks {self.flow_blocks} must be adapted blocks, got adapter_blocks {self.adapter_blocks}")
+            raise ValueError(
+                f"flow_blocks {self.flow_blocks} must be adapted blocks, got adapter_blocks {self.adapter_blocks}"
+            )
 
         width = backbone.embed_dim
         tokens = backbone.patch_embed.num_patches + backbone.num_prefix_tokens
@@ -169,5 +172,5 @@ class AMFlowVideoModel(nn.Module):
         else:
             logits.append(self.frame_head(self.backbone.forward_head(last_frame, pre_logits=True)))
         dtype = torch.promote_types(video.dtype, torch.float32)  # float32 logits under autocast
-        out = torch.stack([l.to(dtype) for l in logits]).mean(0)
+        out = torch.stack([logit.to(dtype) for logit in logits]).mean(0)
         return (out, flows) if return_flows else out

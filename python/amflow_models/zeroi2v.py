@@ -28,7 +28,7 @@ def default_temporal_heads(num_heads: int) -> dict[int, int]:
     per_side = max(1, num_heads // 12)
     if 2 * per_side > num_heads:
         raise ValueError(f"ZeroI2V needs at least 2 heads for STDHA, the backbone has {num_heads}")
-    return {**{h: -1 for h in range(per_side)}, **{per_side + h: 1 for h in range(per_side)}}
+    return {**dict.fromkeys(range(per_side), -1), **{per_side + h: 1 for h in range(per_side)}}
 
 
 class ZeroI2V(nn.Module):
@@ -97,7 +97,8 @@ class ZeroI2V(nn.Module):
         identity = nn.Identity()
         x = embed_frames(self.backbone, video.flatten(0, 1))
         for number, block in enumerate(self.backbone.blocks, start=1):
-            adapters = self.adapters[str(number)] if str(number) in self.adapters else {}
+            key = str(number)
+            adapters = self.adapters[key] if key in self.adapters else {}  # noqa: SIM401 (ModuleDict has no get)
             pre_qkv, post_proj, pre_fc1, post_fc2 = (
                 adapters[n] if adapters else identity for n in ("qkv", "proj", "fc1", "fc2")
             )
@@ -108,7 +109,7 @@ class ZeroI2V(nn.Module):
         return self.backbone.get_classifier()(features.unflatten(0, (batch, frames)).mean(1))
 
     @torch.no_grad()
-    def merge(self) -> "ZeroI2V":
+    def merge(self) -> ZeroI2V:
         """Fold every linear adapter into the backbone's linear layers and drop the adapters.
 
         The outputs are unchanged (up to rounding; the products are formed in float64) and the

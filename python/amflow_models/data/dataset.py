@@ -34,11 +34,13 @@ def uniform_indices(total: int, num_frames: int, *, train: bool, shift: float = 
     return [min(total - 1, int(segment * (i + (random.random() if train else shift)))) for i in range(num_frames)]
 
 
-def dense_indices(total: int, num_frames: int, interval: int, *, train: bool, clip: int = 0, num_clips: int = 1) -> list[int]:
+def dense_indices(
+    total: int, num_frames: int, interval: int, *, train: bool, clip: int = 0, num_clips: int = 1
+) -> list[int]:
     """``num_frames`` frames ``interval`` apart, from a random start (train) or the start of test
     clip ``clip`` of ``num_clips`` spread evenly; looping where the clip is too short."""
     span = max(0, total - (num_frames - 1) * interval - 1)
-    start = random.randint(0, span) if train else int(round(span * (clip + 0.5) / num_clips)) if span else 0
+    start = random.randint(0, span) if train else round(span * (clip + 0.5) / num_clips) if span else 0
     return [(start + i * interval) % total for i in range(num_frames)]
 
 
@@ -110,7 +112,8 @@ class VideoDataset(Dataset):
                 f"{num_frames}, {image_size}, {frame_interval}, {num_clips}"
             )
         self.records, self.num_frames, self.image_size, self.train = records, num_frames, image_size, train
-        self.sampling, self.frame_interval, self.num_clips, self.num_crops = sampling, frame_interval, num_clips, num_crops
+        self.sampling, self.frame_interval = sampling, frame_interval
+        self.num_clips, self.num_crops = num_clips, num_crops
         self.scale, self.flip, self.flip_pairs = scale, flip, dict(flip_pairs or {})
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -121,7 +124,9 @@ class VideoDataset(Dataset):
     def _indices(self, total: int, clip: int) -> list[int]:
         if self.sampling == "uniform":
             return uniform_indices(total, self.num_frames, train=self.train, shift=(clip + 0.5) / self.num_clips)
-        return dense_indices(total, self.num_frames, self.frame_interval, train=self.train, clip=clip, num_clips=self.num_clips)
+        return dense_indices(
+            total, self.num_frames, self.frame_interval, train=self.train, clip=clip, num_clips=self.num_clips
+        )
 
     def _to_float(self, frames: torch.Tensor) -> torch.Tensor:
         return frames.permute(0, 3, 1, 2).float().div_(255)

@@ -1,0 +1,95 @@
+"""Case lists shared by the tests of one op on several backends (the fused backends, the
+CUDA emulator): shapes, layouts and their ids, defined once."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from helpers import LAYOUTS
+
+# -- softmax colsum (am_flow, attention_colsum on (B, T, H, N, D)) --------------------------
+# (B, T, H, N, D, offset, layout). The CPU grid runs through Triton's interpreter, so it is
+# a covering subset: every N, D, T, offset and layout of the issue's grid appears, N crosses
+# the 16/64-wide block boundaries, and D takes non-powers of two and the maximum 256.
+COLSUM_CPU_CASES = [
+    (1, 2, 1, 1, 8, 1, "contiguous"),
+    (2, 3, 2, 2, 16, 1, "frames"),
+    (1, 3, 2, 5, 40, 2, "qkv"),
+    (2, 2, 3, 17, 64, 1, "qkv"),
+    (1, 5, 1, 17, 80, 2, "strided"),
+    (1, 3, 2, 64, 16, 1, "frames"),
+    (2, 3, 1, 65, 64, 2, "contiguous"),
+    (1, 5, 2, 65, 40, 1, "qkv"),
+    (1, 2, 1, 33, 128, 1, "strided"),
+    (1, 3, 1, 20, 256, 1, "contiguous"),
+    # N above the kernel's 128-row block: several row blocks, on its own GEMM and on ATen's.
+    (1, 2, 1, 150, 4, 1, "qkv"),
+    (1, 3, 2, 200, 32, 1, "strided"),
+]
+# On a GPU: the whole grid of the issue plus real ViT token counts, in every dtype.
+COLSUM_GPU_CASES = [
+    (2, T, 3, N, D, offset, layout)
+    for (N, D), (T, offset, layout) in zip(
+        itertools.product((1, 2, 5, 17, 64, 65, 197, 261, 1370, 2048), (8, 16, 40, 64, 80, 128, 256)),
+        itertools.cycle(
+            [(t, o, lay) for t in (2, 3, 5) for o in (1, 2) for lay in LAYOUTS if t > o]
+        ),
+    )
+]
+
+
+def colsum_case_id(case) -> str:
+    B, T, H, N, D, offset, layout = case
+    return f"B{B}-T{T}-H{H}-N{N}-D{D}-off{offset}-{layout}"
+
+
+# -- linear attention -----------------------------------------------------------------------
+TOKENS = (1, 3, 17, 64, 197, 1370)
+HEAD_DIMS = (8, 12, 32, 64)
+LINEAR_LAYOUTS = ("contiguous", "projection", "transposed")
+# The full grid N × D × Dv, the layouts taking turns so each meets every size.
+LINEAR_GRID = [
+    (n, d, dv, LINEAR_LAYOUTS[i % len(LINEAR_LAYOUTS)])
+    for i, (n, d, dv) in enumerate(itertools.product(TOKENS, HEAD_DIMS, HEAD_DIMS))
+]
+LINEAR_GRID_IDS = [f"N{n}-D{d}-Dv{dv}-{lay}" for n, d, dv, lay in LINEAR_GRID]
+
+
+def grid_eps(n: int) -> float:
+    """The default eps, but 10 for a single token. There dq and dk are exactly
+    φ'(q)⊙φ(k)·(g·v)·eps/den², a difference of terms den/eps times larger: at eps = 1e-6 they
+    are below fp32 (and near float64) resolution and every implementation's dq, dk, PyTorch's
+    included, is rounding noise. With eps = 10 (den ~ 1.3·D + eps) they are well conditioned."""
+    return 10.0 if n == 1 else 1e-6
+
+
+# (leading dims, Nq, Nk, D, Dv, eps): every rank, cross attention (Nq ≠ Nk), head dims up to
+# the kernels' maximum, and the normaliser's eps at 0 and large (one key: see grid_eps).
+LINEAR_SHAPES = [
+    ((), 5, 9, 8, 16, 1e-6),
+    ((3,), 33, 7, 16, 8, 1e-6),
+    ((2, 2), 70, 130, 40, 24, 0.0),
+    ((2, 1, 3), 20, 20, 128, 128, 1e-6),
+    ((1, 2, 1, 2), 65, 1, 96, 100, 50.0),
+]
+LINEAR_SHAPE_IDS = [f"{s[0]}-{s[1]}x{s[2]}-{s[3]}x{s[4]}" for s in LINEAR_SHAPES]
+
+
+# -- GPU grids: a smoke subset to run first, the rest marked slow ---------------------------
+def gpu_grid_params(cases, ids, smoke) -> list:
+    """pytest params of a GPU grid: the cases for which ``smoke(case)`` holds marked ``smoke``
+    (a covering subset that runs in seconds), the others ``slow``."""
+    return [
+        pytest.param(case, id=case_id, marks=pytest.mark.smoke if smoke(case) else pytest.mark.slow)
+        for case, case_id in zip(cases, ids)
+    ]
+
+
+# Every head dim of each grid at a short and a ViT-sized token count.
+COLSUM_GPU_PARAMS = gpu_grid_params(
+    COLSUM_GPU_CASES, [colsum_case_id(c) for c in COLSUM_GPU_CASES], lambda case: case[3] in (17, 261)
+)
+LINEAR_GPU_PARAMS = gpu_grid_params(
+    LINEAR_GRID, LINEAR_GRID_IDS, lambda case: case[0] == 17 or (case[0] == 1370 and case[1] == case[2])
+)
