@@ -129,6 +129,11 @@ def check_against_reference(fused, reference_fn, inputs, names, with_lowp: bool 
         assert_close(name, result, expected, same_dtype)
 
 
+def large_scores_through_autograd(op):
+    """A differentiable ``op(q, k)`` as the ``fused`` of :func:`check_large_scores`."""
+    return lambda q, k, grad: through_autograd(op, q.requires_grad_(), k.requires_grad_())(grad)
+
+
 def check_large_scores(fused, paired: bool, dtype: torch.dtype, device) -> None:
     """|S| in the thousands (the fp16 activations of real ViTs): ``fused(q, k, grad)`` returns
     (out, dq, dk) of AM flow (``paired``, offset 1) or the attention colsum of q, k

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import COLSUM_CPU_CASES, COLSUM_GPU_PARAMS, colsum_case_id
+from cases import COLSUM_CPU_CASES, COLSUM_GPU_PARAMS, LARGE_SCORE_TARGETS, colsum_case_id
 from helpers import (
     assert_close,
     assert_deterministic,
     check_against_reference,
     check_large_scores,
+    large_scores_through_autograd,
     make_qk,
     opcheck_pair,
     require_backend,
@@ -94,19 +95,11 @@ def test_nan_stays_in_its_slice(target):
     torch.testing.assert_close(flow[finite].double(), ref[finite], rtol=1e-5, atol=1e-5)
 
 
-# float64 is exact enough that "PyTorch's own error" is no yardstick; the grid covers it.
-LARGE_SCORE_RUNS = [p for p in target_params(with_dtypes=True) if p.values[1] != torch.float64]
-
-
-@pytest.mark.parametrize("target, dtype", LARGE_SCORE_RUNS)
+@pytest.mark.parametrize("target, dtype", LARGE_SCORE_TARGETS)
 def test_large_scores(target, dtype, monkeypatch):
     device = target.activate(monkeypatch)
-
-    def run(q, k, grad):
-        op = lambda q, k: amflow_kernels.am_flow(q, k, backend=target.backend)  # noqa: E731
-        return through_autograd(op, q.requires_grad_(), k.requires_grad_())(grad)
-
-    check_large_scores(run, True, dtype, device)
+    op = large_scores_through_autograd(lambda q, k: amflow_kernels.am_flow(q, k, backend=target.backend))
+    check_large_scores(op, True, dtype, device)
 
 
 def test_only_one_input_requires_grad(target):

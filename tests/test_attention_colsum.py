@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import gpu_grid_params
+from cases import LARGE_SCORE_TARGETS, gpu_grid_params
 from helpers import (
     assert_deterministic,
     check_against_reference,
     check_large_scores,
+    large_scores_through_autograd,
     opcheck_pair,
     target_params,
     through_autograd,
@@ -110,18 +111,11 @@ def test_nan_stays_in_its_slice(target):
     torch.testing.assert_close(out[finite].double(), ref[finite], rtol=1e-5, atol=1e-5)
 
 
-# float64 is exact enough that "PyTorch's own error" is no yardstick; the grid covers it.
-@pytest.mark.parametrize(
-    "target, dtype", [p for p in target_params(with_dtypes=True) if p.values[1] != torch.float64]
-)
+@pytest.mark.parametrize("target, dtype", LARGE_SCORE_TARGETS)
 def test_large_scores(target, dtype, monkeypatch):
     device = target.activate(monkeypatch)
-
-    def run(q, k, grad):
-        op = lambda q, k: amflow_kernels.attention_colsum(q, k, backend=target.backend)  # noqa: E731
-        return through_autograd(op, q.requires_grad_(), k.requires_grad_())(grad)
-
-    check_large_scores(run, False, dtype, device)
+    op = large_scores_through_autograd(lambda q, k: amflow_kernels.attention_colsum(q, k, backend=target.backend))
+    check_large_scores(op, False, dtype, device)
 
 
 def test_opcheck(target):
