@@ -4,8 +4,9 @@
   so the Triton kernels run on CPU tensors through Triton's interpreter.
 - Every test gets fresh random inputs: a session seed (AMFLOW_TEST_SEED, else random, shown
   in the report header) mixed with the test's id seeds torch before each test.
-- torch.empty / torch.empty_like return NaN-filled memory, so an output element a kernel
-  forgets to write fails loudly instead of passing by luck.
+- torch.empty / torch.empty_like (and, without a GPU, the C++ at::empty) return NaN-filled
+  memory, so an output element a kernel forgets to write fails loudly instead of passing by
+  luck.
 """
 
 from __future__ import annotations
@@ -43,8 +44,19 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(autouse=True)
 def _nan_poisoned_allocations(monkeypatch):
+    """torch.empty in Python, and without a GPU at::empty in C++ too (the CPU kernels' outputs):
+    PyTorch's deterministic mode fills uninitialised memory with NaN. warn_only: no op is
+    refused; on GPU machines the mode stays off, as cuBLAS would warn on every product."""
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: _poison(_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _poison(_empty_like(*a, **kw)))
+    if torch.cuda.is_available():
+        yield
+        return
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 @pytest.fixture(params=target_params())

