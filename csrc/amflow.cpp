@@ -4,8 +4,9 @@
 // docs/kernels.md, and each kernel file's header.
 //
 // softmax_colsum_*: q, k (B, T, H, N, D) of any strides; paired is AM flow (frame p against
-// p + offset), not paired the attention colsum. The forward returns (out (B, P, H, N), fp32
-// row statistics (B, P, H, N, 2)); the backward (dq, dk), contiguous.
+// p + offset), not paired the attention colsum. The forward returns (out (B, P, H, N), what
+// the backward needs: fp32 row statistics (B, P, H, N, 2) from the CUDA kernels, an empty tensor
+// from the CPU kernels, which recompute whole rows); the backward (dq, dk), contiguous.
 // linear_attention_*: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) of any strides. The
 // forward returns (out, KV, z), the state in float32 (float64 for float64 inputs); the backward
 // (dq, dk, dv), contiguous.

@@ -10,7 +10,8 @@ Every backend exposes the same two op families, a forward and a backward each:
 with the suffix ``s`` "" for the compiled extension (csrc/: its CPU and CUDA kernels register
 under one schema) and "_triton" for the Triton kernels, defined below. ``softmax_colsum`` is
 AM flow when ``paired`` (frame t against t + offset, q and k (B, T, H, N, D)), the attention
-colsum otherwise; ``stats``, ``kv`` and ``z`` are what the backward needs. :func:`register`
+colsum otherwise; ``stats``, ``kv`` and ``z`` are what the backward needs: the fp32 row
+statistics (B, P, H, N, 2) of the GPU kernels, none (an empty tensor) from the CPU kernels. :func:`register`
 gives each (family, backend) its fake kernels and autograd; the Triton kernel modules, and
 triton itself, are imported when a Triton op first runs, so the package imports without it.
 """
@@ -72,6 +73,13 @@ def _softmax_colsum_fwd_fake(q, k, offset, paired, scale):
     return q.new_empty((b, pairs, h, n)), q.new_empty((b, pairs, h, n, 2), dtype=torch.float32)
 
 
+def _extension_softmax_colsum_fwd_fake(q, k, offset, paired, scale):
+    """The extension's: its CPU kernels return no statistics (an empty tensor), since their
+    backward recomputes whole rows exactly in the input precision."""
+    out, stats = _softmax_colsum_fwd_fake(q, k, offset, paired, scale)
+    return out, (stats.new_empty((0,)) if q.device.type == "cpu" else stats)
+
+
 def _linear_attention_fwd_fake(q, k, v, eps):
     b, h, nq, d = q.shape
     dv = v.shape[-1]
@@ -79,7 +87,12 @@ def _linear_attention_fwd_fake(q, k, v, eps):
     return q.new_empty((b, h, nq, dv)), q.new_empty((b, h, d, dv), **state), q.new_empty((b, h, d), **state)
 
 
-FORWARD_FAKES = {"softmax_colsum": _softmax_colsum_fwd_fake, "linear_attention": _linear_attention_fwd_fake}
+FORWARD_FAKES = {  # by (family, suffix)
+    ("softmax_colsum", TRITON_SUFFIX): _softmax_colsum_fwd_fake,
+    ("softmax_colsum", ""): _extension_softmax_colsum_fwd_fake,
+    ("linear_attention", TRITON_SUFFIX): _linear_attention_fwd_fake,
+    ("linear_attention", ""): _linear_attention_fwd_fake,
+}
 
 
 def op(family: str, backend: str, direction: str = "fwd"):
@@ -96,7 +109,7 @@ def register(family: str, suffix: str) -> None:
     name = f"amflow::{family}_fwd{suffix}"
     backward_op = getattr(torch.ops.amflow, f"{family}_bwd{suffix}")
     differentiable = DIFFERENTIABLE_INPUTS[family]
-    torch.library.register_fake(name, FORWARD_FAKES[family])
+    torch.library.register_fake(name, FORWARD_FAKES[family, suffix])
 
     @torch.library.register_fake(f"amflow::{family}_bwd{suffix}")
     def _(grad, *args):  # one contiguous gradient like each differentiable input

@@ -207,23 +207,9 @@ void frame_scores(const Shape& s, const Frames<const scalar_t>& q, const scalar_
   }
 }
 
-// stats holds the (max, sum) of n rows; sum ← log2 sum, in vectors over the whole slice: a libm
-// call per row costs as much as the row's exponentials at a few dozen tokens.
-void log2_of_row_sums(float* stats, int64_t n) {
-  using Vec = Vectorized<float>;
-  constexpr int64_t W = Vec::size();
-  constexpr int64_t odd_lanes = static_cast<int64_t>(0xAAAAAAAAAAAAAAAAull & ((1ull << W) - 1));
-  int64_t j = 0;
-  for (; j + W <= 2 * n; j += W) {
-    const Vec v = Vec::loadu(stats + j);
-    Vec::blend<odd_lanes>(v, v.log2()).store(stats + j);
-  }
-  for (j += 1; j < 2 * n; j += 2) stats[j] = std::log2(stats[j]);
-}
-
 template <typename scalar_t>
 void forward_task(const Shape& s, int64_t b, int64_t h, const at::Tensor& q, const at::Tensor& k, scalar_t scale,
-                  Scratch<scalar_t>& buf, scalar_t* out, float* stats) {
+                  Scratch<scalar_t>& buf, scalar_t* out) {
   using Vec = Vectorized<scalar_t>;
   const int64_t N = s.N, Np = s.Np;
   scalar_t* z = buf.z.data();
@@ -238,26 +224,21 @@ void forward_task(const Shape& s, int64_t b, int64_t h, const at::Tensor& q, con
     const scalar_t* scores = buf.scores.data();
     frame_scores(s, qf, buf.keys_t.data(), r0, rows, buf.scores.data());
     for (int64_t p = 0; p < s.P; ++p) {
-      const int64_t slice = output_slice(s, b, p, h);
       scalar_t* colsum = colsums + p * Np;
       for (int64_t i = 0; i < rows; ++i) {
         const scalar_t* sa = scores + (p * rows + i) * Np;
         const scalar_t* sb = scores + ((p + s.offset) * rows + i) * Np;
         const scalar_t m = row_logits_max(sa, sb, s.paired, z, x, N, Np);
-        const scalar_t sum = exp_shifted_sum(x, m, Np);
-        const scalar_t inv = scalar_t(1) / sum;
+        const scalar_t inv = scalar_t(1) / exp_shifted_sum(x, m, Np);
         at::vec::map2<scalar_t>([inv](Vec acc, Vec e) { return acc + e * Vec(inv); }, colsum, colsum, x, Np);
-        stats[2 * (slice + r0 + i)] = static_cast<float>(m);
-        stats[2 * (slice + r0 + i) + 1] = static_cast<float>(sum);  // its log2 is taken below
       }
     }
   }
-  for (int64_t p = 0; p < s.P; ++p) {
-    std::copy_n(colsums + p * Np, N, out + output_slice(s, b, p, h));
-    log2_of_row_sums(stats + 2 * output_slice(s, b, p, h), N);
-  }
+  for (int64_t p = 0; p < s.P; ++p) std::copy_n(colsums + p * Np, N, out + output_slice(s, b, p, h));
 }
 
+// Returns (out, an empty tensor): the CPU backward needs no row statistics, as it recomputes whole
+// rows exactly in the input precision (float32 statistics would cost float64 inputs theirs).
 std::tuple<at::Tensor, at::Tensor> softmax_colsum_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                           int64_t offset, bool paired, double scale) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see checks.h
@@ -266,21 +247,20 @@ std::tuple<at::Tensor, at::Tensor> softmax_colsum_fwd_cpu(const at::Tensor& q_in
   const auto k = unit_last_stride(k_in);
   const Shape s = shape_of(q, offset, paired);
   auto out = at::empty({s.B, s.P, s.H, s.N}, q.options());
-  auto stats = at::empty({s.B, s.P, s.H, s.N, 2}, q.options().dtype(at::kFloat));
+  auto no_stats = at::empty({0}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "softmax_colsum_fwd_cpu", [&] {
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    float* stats_ptr = stats.data_ptr<float>();
     parallel_tasks(s.B * s.H, [&](int64_t begin, int64_t end) {
       Scratch<scalar_t> buf(s, row_block(s.T, s.N), false);
       for (int64_t task = begin; task < end; ++task) {
-        forward_task<scalar_t>(s, task / s.H, task % s.H, q, k, static_cast<scalar_t>(scale), buf, out_ptr, stats_ptr);
+        forward_task<scalar_t>(s, task / s.H, task % s.H, q, k, static_cast<scalar_t>(scale), buf, out_ptr);
       }
     });
   });
-  return {out, stats};
+  return {out, no_stats};
 }
 
-// The row softmax is recomputed exactly from full rows, so the forward's stats are not needed.
+// The row softmax is recomputed exactly from full rows: the forward saves no statistics.
 template <typename scalar_t>
 void backward_task(const Shape& s, int64_t b, int64_t h, const scalar_t* grad, const at::Tensor& q,
                    const at::Tensor& k, scalar_t scale, Scratch<scalar_t>& buf, at::Tensor& dq, at::Tensor& dk) {
@@ -323,7 +303,7 @@ void backward_task(const Shape& s, int64_t b, int64_t h, const scalar_t* grad, c
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_colsum_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& q_in,
-                                                          const at::Tensor& k_in, const at::Tensor& stats,
+                                                          const at::Tensor& k_in, const at::Tensor& /*stats: none*/,
                                                           int64_t offset, bool paired, double scale) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see checks.h
   check_inputs(q_in, k_in, offset, paired);
