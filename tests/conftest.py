@@ -3,7 +3,7 @@
 - Without CUDA, TRITON_INTERPRET=1 is set before amflow_kernels (and triton.jit) is imported,
   so the Triton kernels run on CPU tensors through Triton's interpreter.
 - Every test gets fresh random inputs: a session seed (AMFLOW_TEST_SEED, else random, shown
-  in the report header) mixed with the test's id seeds torch before each test.
+  in the report's header and last line) mixed with the test's id seeds torch before each test.
 - torch.empty / torch.empty_like (and, without a GPU, the C++ at::empty) return NaN-filled
   memory, so an output element a kernel forgets to write fails loudly instead of passing by
   luck.
@@ -26,8 +26,18 @@ from helpers import BACKEND_TARGETS, target_params
 SESSION_SEED = int(os.environ.get("AMFLOW_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
-def pytest_report_header(config):
+def _seed_line() -> str:
     return f"amflow seed: AMFLOW_TEST_SEED={SESSION_SEED}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}"
+
+
+def pytest_report_header(config):
+    return _seed_line()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The seed again at the end, where -q (which drops the header) still shows it: a failure on
+    fresh random inputs is rerun on the same ones with AMFLOW_TEST_SEED."""
+    terminalreporter.write_line(_seed_line())
 
 
 @pytest.fixture(autouse=True)
