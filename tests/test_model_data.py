@@ -3,12 +3,13 @@ the synthetic dataset, and a train → eval → visualize round trip."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
-from amflow_models.cli import main
+from amflow_models.cli import build_parser, main
 from amflow_models.data.annotations import flip_label_pairs, load_annotations
 from amflow_models.data.dataset import VideoDataset, dense_indices, uniform_indices
 from amflow_models.data.synthetic import CLASSES, generate_synthetic, render_clip
@@ -183,3 +184,16 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--train-list", "a", "--val-list", "b", "--out", "c", "--tpm", "gru"])
+
+
+def test_every_cli_option_says_what_it_does_and_its_default():
+    """`amflow <command> --help` describes every argument, and every default that is a value."""
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = f"amflow {name} {action.option_strings or action.dest}"
+            assert action.help, f"{flag} has no help text"
+            if action.default not in (None, False, []) and action.default is not argparse.SUPPRESS:
+                assert "default" in action.help, f"{flag} does not state its default {action.default!r}"

@@ -30,11 +30,12 @@ def _backbone_arg(text: str) -> tuple[str, object]:
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="data loader processes")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per step (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"],
-                        help="amflow_kernels backend inside the model (reference: the unfused PyTorch ops)")
+                        help="amflow_kernels backend inside the model (reference: the unfused PyTorch ops; "
+                        "default: auto, or the checkpoint's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -43,74 +44,89 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser("synth", help="write the synthetic motion dataset")
-    synth.add_argument("out")
-    synth.add_argument("--train-per-class", type=int, default=100)
-    synth.add_argument("--val-per-class", type=int, default=30)
-    synth.add_argument("--size", type=int, default=32)
-    synth.add_argument("--frames", type=int, default=8)
-    synth.add_argument("--no-camera-motion", action="store_true")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("out", help="folder to write videos/, train.txt, val.txt and classes.txt to")
+    synth.add_argument("--train-per-class", type=int, default=100,
+                       help="training clips per class (default: %(default)s)")
+    synth.add_argument("--val-per-class", type=int, default=30,
+                       help="validation clips per class (default: %(default)s)")
+    synth.add_argument("--size", type=int, default=32, help="frame height and width in pixels (default: %(default)s)")
+    synth.add_argument("--frames", type=int, default=8, help="frames per clip (default: %(default)s)")
+    synth.add_argument("--no-camera-motion", action="store_true", help="a still camera (default: a panning one)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed of the clips (default: %(default)s)")
 
     train = commands.add_parser("train", help="train a video model (checkpoints, metrics log)")
-    train.add_argument("--train-list", required=True)
-    train.add_argument("--val-list", required=True)
-    train.add_argument("--format", default="list", choices=["list", "kinetics", "ssv2"])
-    train.add_argument("--root", default=".", help="folder the annotation paths are relative to")
+    train.add_argument("--train-list", required=True, help="annotation file of the training clips")
+    train.add_argument("--val-list", required=True, help="annotation file of the validation clips")
+    train.add_argument("--format", default="list", choices=["list", "kinetics", "ssv2"],
+                       help="annotation format: 'path label' lines, Kinetics CSV or SSv2 JSON (default: %(default)s)")
+    train.add_argument("--root", default=".", help="folder the annotation paths are relative to (default: %(default)s)")
     train.add_argument("--labels-file", help="class names: one per line (list, kinetics) or SSv2's labels.json")
     train.add_argument("--skip-missing", action="store_true", help="drop listed clips that do not exist")
-    train.add_argument("--num-frames", type=int, default=8)
-    train.add_argument("--sampling", default="uniform", choices=["uniform", "dense"])
-    train.add_argument("--frame-interval", type=int, default=1, help="for dense sampling")
+    train.add_argument("--num-frames", type=int, default=8, help="frames sampled per clip (default: %(default)s)")
+    train.add_argument("--sampling", default="uniform", choices=["uniform", "dense"],
+                       help="frames spread over the video, or consecutive at --frame-interval (default: %(default)s)")
+    train.add_argument("--frame-interval", type=int, default=1, help="for dense sampling (default: %(default)s)")
     train.add_argument("--image-size", type=int, help="default: the backbone's")
-    train.add_argument("--min-scale", type=float, default=0.4, help="area range of the training crop")
+    train.add_argument("--min-scale", type=float, default=0.4,
+                       help="smallest area fraction of the training crop (default: %(default)s)")
     train.add_argument("--no-flip", action="store_true", help="no horizontal flips in training")
-    train.add_argument("--backbone", default="vit_base_patch16_224", help="a timm ViT name (tag allowed)")
+    train.add_argument("--backbone", default="vit_base_patch16_224",
+                       help="a timm ViT name, tag allowed (default: %(default)s)")
     train.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights for the tag")
     train.add_argument("--checkpoint-path", help="a local weights file for the backbone")
     train.add_argument("--backbone-arg", type=_backbone_arg, action="append", default=[], metavar="KEY=VALUE",
                        help="more timm.create_model arguments, e.g. img_size=224 (repeatable)")
-    train.add_argument("--variant", default="vanilla", choices=VARIANTS)
-    train.add_argument("--tpm", default="lstm", choices=TPM_KINDS)
-    train.add_argument("--adapter-dim", type=int, default=64)
+    train.add_argument("--variant", default="vanilla", choices=VARIANTS,
+                       help="AM flow variant, none (adapters only) or the ZeroI2V baseline (default: %(default)s)")
+    train.add_argument("--tpm", default="lstm", choices=TPM_KINDS,
+                       help="temporal processing module (default: %(default)s)")
+    train.add_argument("--adapter-dim", type=int, default=64, help="adapter bottleneck width (default: %(default)s)")
     train.add_argument("--adapter-blocks", type=_blocks, help="1-based, e.g. 1,12 (default: all)")
     train.add_argument("--flow-blocks", type=_blocks, help="1-based blocks with AM flow (default: all adapted)")
-    train.add_argument("--offset", type=int, default=1, help="frame distance of AM flow")
-    train.add_argument("--aligner-dim", type=int, default=96)
-    train.add_argument("--aligner-depth", type=int, default=1)
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--weight-decay", type=float, default=0.05)
+    train.add_argument("--offset", type=int, default=1, help="frame distance of AM flow (default: %(default)s)")
+    train.add_argument("--aligner-dim", type=int, default=96,
+                       help="aligning encoder width, aligned variant (default: %(default)s)")
+    train.add_argument("--aligner-depth", type=int, default=1, help="aligning encoder layers (default: %(default)s)")
+    train.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
+    train.add_argument("--lr", type=float, default=1e-3,
+                       help="AdamW peak learning rate, cosine schedule (default: %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     train.add_argument("--out", required=True, help="folder for checkpoints and metrics.jsonl")
     _add_runtime(train)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint (multi-view, confusion matrix)")
-    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("checkpoint", help="a best.pt or last.pt written by amflow train")
     evaluate.add_argument("--list", help="annotation file (default: the checkpoint's val list)")
-    evaluate.add_argument("--clips", type=int, default=1, help="temporal clips per video")
-    evaluate.add_argument("--crops", type=int, default=1, choices=[1, 3], help="spatial crops per clip")
+    evaluate.add_argument("--clips", type=int, default=1, help="temporal clips per video (default: %(default)s)")
+    evaluate.add_argument("--crops", type=int, default=1, choices=[1, 3],
+                          help="spatial crops per clip (default: %(default)s)")
     evaluate.add_argument("--json", help="write the metrics here")
     _add_runtime(evaluate)
 
     visualize = commands.add_parser("visualize", help="AM flow of a clip as a PNG (paper Fig. 5)")
-    visualize.add_argument("checkpoint")
+    visualize.add_argument("checkpoint", help="a best.pt or last.pt written by amflow train")
     visualize.add_argument("video", help="a video file or a folder of frames")
-    visualize.add_argument("--out", default="amflow.png")
+    visualize.add_argument("--out", default="amflow.png", help="PNG to write (default: %(default)s)")
     visualize.add_argument("--num-frames", type=int, help="default: the checkpoint's")
-    visualize.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"])
+    visualize.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"],
+                           help="amflow_kernels backend inside the model (default: the checkpoint's)")
 
     demo = commands.add_parser("demo", help="synthetic data → image model → 4 video models, compared")
-    demo.add_argument("--out", default="amflow-demo")
-    demo.add_argument("--epochs", type=int, default=10)
-    demo.add_argument("--image-epochs", type=int, default=12)
-    demo.add_argument("--train-per-class", type=int, default=100)
-    demo.add_argument("--val-per-class", type=int, default=30)
-    demo.add_argument("--tpm", default="lstm", choices=TPM_KINDS)
-    demo.add_argument("--workers", type=int, default=2)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--out", default="amflow-demo",
+                      help="folder for data, checkpoints and plots (default: %(default)s)")
+    demo.add_argument("--epochs", type=int, default=10, help="epochs of each video model (default: %(default)s)")
+    demo.add_argument("--image-epochs", type=int, default=12, help="epochs of the image model (default: %(default)s)")
+    demo.add_argument("--train-per-class", type=int, default=100,
+                      help="training clips per class (default: %(default)s)")
+    demo.add_argument("--val-per-class", type=int, default=30, help="validation clips per class (default: %(default)s)")
+    demo.add_argument("--tpm", default="lstm", choices=TPM_KINDS,
+                      help="temporal processing module (default: %(default)s)")
+    demo.add_argument("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 

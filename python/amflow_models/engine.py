@@ -24,6 +24,7 @@ from tqdm import tqdm
 from amflow_kernels.nn import set_backend
 
 from .build import ModelConfig, build_model
+from .checkpoints import read_checkpoint, save_checkpoint
 from .data.annotations import flip_label_pairs, load_annotations
 from .data.dataset import VideoDataset
 
@@ -128,9 +129,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: str | Path, *, backend: str | None = None, device="cpu") -> tuple[torch.nn.Module, dict]:
     """The model a checkpoint of :func:`fit` describes, with its trained parameters, and the checkpoint."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(path)
     model = build_model(ModelConfig.from_dict(checkpoint["model_config"]))
     expected = set(trainable_state(model))
     if set(checkpoint["state"]) != expected:
@@ -177,7 +176,7 @@ def fit(
     start, history, best = 0, [], None
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume and last_path.is_file():
-        checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(last_path)
         model.load_state_dict(checkpoint["state"], strict=False)
         optimizer.load_state_dict(checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])
@@ -210,8 +209,9 @@ def fit(
             "state": trainable_state(model), "epoch": epoch + 1, "history": history, "best": best,
         }
         if improved:
-            torch.save(checkpoint, best_path)
-        torch.save({**checkpoint, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, last_path)
+            save_checkpoint(checkpoint, best_path)
+        resumable = {**checkpoint, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+        save_checkpoint(resumable, last_path)
         with (out_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(metrics) + "\n")
         log(f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.3f}, val top-1 "
@@ -254,5 +254,5 @@ def train_image_model(
                 count += label.numel()
         metrics = {"epoch": epoch + 1, "top1": correct / count}
         log(f"image model epoch {epoch + 1}/{epochs}: frame top-1 {metrics['top1']:.3f}")
-    torch.save(model.state_dict(), out_file)
+    save_checkpoint(model.state_dict(), out_file)
     return metrics
