@@ -85,7 +85,9 @@ def test_kill_during_writes_leaves_a_whole_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     env = {**os.environ, "PYTHONPATH": str(Path(amflow_models.__file__).resolve().parents[1])}  # this package
     for delay in (0.7, 1.1, 1.6):
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=env, stdout=subprocess.PIPE)
+        writer = subprocess.Popen(  # from tmp_path: no source checkout first on sys.path
+            [sys.executable, "-c", WRITER, str(path)], env=env, cwd=tmp_path, stdout=subprocess.PIPE
+        )
         assert writer.stdout.readline(), "the writer wrote no checkpoint"
         time.sleep(delay)
         writer.send_signal(signal.SIGKILL)

@@ -46,12 +46,15 @@ print(json.dumps({
 """
 
 
-def test_package_runs_without_triton():
+def test_package_runs_without_triton(tmp_path):
     require_backend("cpu", "cpu")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(amflow_kernels.__file__).resolve().parents[1])  # this package
+    # Run outside the checkout: `python -c` puts the working directory first on sys.path, where a
+    # source tree's amflow_kernels (without the built extension) would shadow this one.
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
