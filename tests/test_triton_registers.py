@@ -28,7 +28,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from triton_aot import case_id, colsum_case, compile_cases, linear_case
+from triton_aot import case_id, colsum_case, compile_cases, linear_cases
 
 from amflow_kernels.ops import colsum_triton
 
@@ -81,16 +81,7 @@ BLOCKED_CASES = [
 # may spill: the most bytes of spill stores per thread measured over the five kernels (fp32's
 # products run on FMAs, and a 16 × 16 tile is Triton's smallest). Anything else must not spill.
 FALLBACK_SPILLS = {(90, 128): 16, (90, 256): 28, (80, 256): 0}
-LINEAR_BLOCK_DS = (16, 32, 64, 128)
-LINEAR_CASES = list({
-    case_id(case): case
-    for cc in ARCHS
-    for bd in LINEAR_BLOCK_DS
-    for bdv in LINEAR_BLOCK_DS
-    for dtype in _dtypes(max(bd, bdv))
-    for kernel, weighted in (("state", False), ("state", True), ("out", False), ("bwd_q", False), ("bwd_kv", False))
-    if (case := linear_case(kernel, dtype, cc, bd, bdv, weighted))
-}.values())  # head-dim pairs with the same slice compile to the same code: each once
+LINEAR_CASES = linear_cases(ARCHS, _dtypes)
 CASES = RESIDENT_CASES + BLOCKED_CASES + LINEAR_CASES
 
 

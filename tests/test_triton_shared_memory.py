@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from triton_aot import case_id, colsum_case, compile_cases, linear_case
+from triton_aot import case_id, colsum_case, compile_cases, linear_cases
 
 from amflow_kernels.ops import colsum_triton
 
@@ -47,17 +47,7 @@ FIT_CASES = [
     for bd in (32, 64, 128, 256)
 ]
 
-# Every linear-attention kernel at every head-dim tile pair, as the launcher configures it
-# (the pairs with the same state slice compile to the same code: each once).
-LINEAR_BLOCK_DS = (16, 32, 64, 128)
-LINEAR_CASES = list({
-    case_id(case): case
-    for kernel, weighted in (("state", False), ("state", True), ("out", False), ("bwd_q", False), ("bwd_kv", False))
-    for dtype in ITEMSIZE
-    for bd in LINEAR_BLOCK_DS
-    for bdv in LINEAR_BLOCK_DS
-    if (case := linear_case(kernel, dtype, 80, bd, bdv, weighted))
-}.values())
+LINEAR_CASES = linear_cases((80,), lambda block_d: tuple(ITEMSIZE))
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,21 @@ def linear_case(kernel: str, dtype: str, cc: int, block_d: int, block_dv: int, w
                 num_stages=num_stages, constexprs=constexprs)
 
 
+def linear_cases(ccs, dtypes_for) -> list[dict]:
+    """Every linear-attention kernel (the state kernel forward and weighted, as the backward runs
+    it) at every pair of head-dim tiles 16–128, for each compute capability in ``ccs`` and each
+    dtype ``dtypes_for(max(BLOCK_D, BLOCK_DV))`` gives; pairs with the same state slice compile to
+    the same code, so each case appears once."""
+    tiles = (16, 32, 64, 128)
+    kernels = (("state", False), ("state", True), ("out", False), ("bwd_q", False), ("bwd_kv", False))
+    cases = [
+        linear_case(kernel, dtype, cc, bd, bdv, weighted)
+        for cc in ccs for bd in tiles for bdv in tiles for dtype in dtypes_for(max(bd, bdv))
+        for kernel, weighted in kernels
+    ]
+    return list({case_id(case): case for case in cases}.values())
+
+
 def _source(fn, dtype: str, constexprs: dict) -> ASTSource:
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):

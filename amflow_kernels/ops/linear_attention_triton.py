@@ -103,6 +103,13 @@ def _state_slice(STATE, index, D, DV, dims, d_mask, vdims, e_mask):
 
 
 @triton.jit
+def _load_state_slice(STATE, index, D, DV, dims, d_mask, vdims, e_mask):
+    """The D × BLOCK_E slice ``vdims`` of state ``index``, zero past D and DV."""
+    ptrs, mask = _state_slice(STATE, index, D, DV, dims, d_mask, vdims, e_mask)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def linear_attention_state_kernel(
     X, Y, DEN, W, S_PART, R_PART,
     stride_xb, stride_xh, stride_xn,
@@ -159,8 +166,7 @@ def linear_attention_out_kernel(
     d_mask = dims < D
     vdims = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_mask = vdims < DV
-    kv_ptrs, kv_mask = _state_slice(KV, bh, D, DV, dims, d_mask, vdims, e_mask)
-    kv = tl.load(kv_ptrs, mask=kv_mask, other=0.0)
+    kv = _load_state_slice(KV, bh, D, DV, dims, d_mask, vdims, e_mask)
     z = tl.load(Z + bh.to(tl.int64) * D + dims, mask=d_mask, other=0.0)
     q_base = _head_base(Q, bh, H, stride_qb, stride_qh)
     out_base = OUT + bh.to(tl.int64) * NQ * DV
@@ -203,8 +209,8 @@ def linear_attention_bwd_q_kernel(
             vdims = e0 + tl.arange(0, BLOCK_E)
             e_mask = vdims < DV
             g = _load_tile(grad_base, rows, row_mask, DV, vdims, e_mask)
-            kv_ptrs, kv_mask = _state_slice(KV, bh, D, DV, dims, d_mask, vdims, e_mask)
-            t += tl.dot(g, tl.trans(tl.load(kv_ptrs, mask=kv_mask, other=0.0)), input_precision=PRECISION)
+            kv = _load_state_slice(KV, bh, D, DV, dims, d_mask, vdims, e_mask)
+            t += tl.dot(g, tl.trans(kv), input_precision=PRECISION)
         den = tl.where(row_mask, tl.sum(phi_q * z[None, :], axis=1) + eps, 1.0)
         w = -(tl.sum(phi_q * t, axis=1) / den) / den
         dq = (t / den[:, None] + w[:, None] * z[None, :]) * _phi_slope(phi_q)
@@ -246,8 +252,7 @@ def linear_attention_bwd_kv_kernel(
             vdims = e0 + tl.arange(0, BLOCK_E)
             e_mask = vdims < DV
             v = _load_tile(v_base, rows, row_mask, stride_vn, vdims, e_mask)
-            dkv_ptrs, dkv_mask = _state_slice(DKV, bh, D, DV, dims, d_mask, vdims, e_mask)
-            dkv = tl.load(dkv_ptrs, mask=dkv_mask, other=0.0)
+            dkv = _load_state_slice(DKV, bh, D, DV, dims, d_mask, vdims, e_mask)
             dphi_k += tl.dot(v, tl.trans(dkv), input_precision=PRECISION)
             dv = tl.dot(phi_k, dkv, input_precision=PRECISION)
             tl.store(dv_base + rows64 * DV + vdims[None, :], dv.to(DV_OUT.dtype.element_ty),
