@@ -1,14 +1,20 @@
-"""``amflow`` (also ``python -m amflow_models``): synth, train, eval, visualize, demo."""
+"""``amflow`` (also ``python -m amflow_models``): synth, train, eval, visualize, demo.
+
+``train`` and ``eval`` also run as one process per GPU under torchrun:
+``torchrun --nproc_per_node N $(which amflow) train …``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ast
 import json
+import os
 import sys
 from pathlib import Path
 
 from .build import VARIANTS, ModelConfig, format_report, parameter_report
+from .distributed import DIST_BACKENDS
 from .tpm import TPM_KINDS
 
 
@@ -30,9 +36,17 @@ def _backbone_arg(text: str) -> tuple[str, object]:
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=8, help="clips per step (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="clips per step in each process: under torchrun the global batch is processes × this, "
+                        "and nothing is scaled for it (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="data loader processes per training process (default: %(default)s)")
+    parser.add_argument("--device", default=None,
+                        help="cuda or cpu; under torchrun each process takes GPU LOCAL_RANK (default: cuda when "
+                        "available)")
+    parser.add_argument("--dist-backend", default="auto", choices=DIST_BACKENDS,
+                        help="torch.distributed backend under torchrun; auto: nccl on GPUs, gloo on CPU "
+                        "(default: %(default)s)")
     parser.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"],
                         help="amflow_kernels backend inside the model (reference: the unfused PyTorch ops; "
                         "default: auto, or the checkpoint's)")
@@ -92,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="AdamW peak learning rate, cosine schedule (default: %(default)s)")
     train.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUT/last.pt exactly where it stopped (after an epoch, or mid-epoch on "
+                       "SIGTERM); same settings and global batch")
+    train.add_argument("--max-bad-clips", type=int, default=10,
+                       help="unreadable training clips tolerated (each logged and replaced by another clip) before "
+                       "the run stops with their list (default: %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     train.add_argument("--out", required=True, help="folder for checkpoints and metrics.jsonl")
     _add_runtime(train)
@@ -132,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args) -> None:
     from .data.annotations import load_annotations
-    from .engine import DataConfig, fit
+    from .data.loader import DataConfig
+    from .engine import fit
 
     _, classes = load_annotations(args.format, args.val_list, args.root, labels_file=args.labels_file,
                                   skip_missing=args.skip_missing)
@@ -150,28 +170,37 @@ def _train(args) -> None:
         flip=not args.no_flip, min_scale=args.min_scale,
     )
     result = fit(config, data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                 weight_decay=args.weight_decay, workers=args.workers, device=args.device, compile=args.compile,
-                 resume=args.resume, seed=args.seed, progress=not args.no_progress)
+                 weight_decay=args.weight_decay, workers=args.workers, device=args.device,
+                 dist_backend=args.dist_backend, compile=args.compile, resume=args.resume, seed=args.seed,
+                 max_bad_clips=args.max_bad_clips, progress=not args.no_progress)
     best = result["best"]
-    print(f"best val top-1 {best['top1']:.4f}, top-5 {best['top5']:.4f} (epoch {best['epoch']}); "
-          f"checkpoints in {args.out}")
+    if _is_main_process():
+        print(f"best val top-1 {best['top1']:.4f}, top-5 {best['top5']:.4f} (epoch {best['epoch']}); "
+              f"checkpoints in {args.out}")
 
 
 def _eval(args) -> None:
-    import torch
+    from .data.loader import DataConfig, make_loader
+    from .distributed import session
+    from .engine import evaluate, load_checkpoint
 
-    from .engine import DataConfig, evaluate, load_checkpoint, make_loader
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, checkpoint = load_checkpoint(args.checkpoint, backend=args.backend, device=device)
-    data = DataConfig.from_dict(checkpoint["data_config"])
-    annotation_file = args.list or data.val_list
-    loader, classes = make_loader(data, annotation_file, train=False, batch_size=args.batch_size,
-                                  workers=args.workers, num_clips=args.clips, num_crops=args.crops)
-    metrics = evaluate(model, loader, device, progress=not args.no_progress)
+    with session(args.device, args.dist_backend) as runtime:
+        model, checkpoint = load_checkpoint(args.checkpoint, backend=args.backend, device=runtime.device)
+        data = DataConfig.from_dict(checkpoint["data_config"])
+        annotation_file = args.list or data.val_list
+        loader, classes = make_loader(data, annotation_file, train=False, batch_size=args.batch_size,
+                                      workers=args.workers, world_size=runtime.world_size, rank=runtime.rank,
+                                      num_clips=args.clips, num_crops=args.crops)
+        metrics = evaluate(model, loader, runtime, progress=runtime.is_main and not args.no_progress)
+    if not runtime.is_main:
+        return
     print(format_report(parameter_report(model)))
     print(f"{annotation_file}: {metrics['clips']} clips, {args.clips}×{args.crops} views: top-1 "
           f"{metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, loss {metrics['loss']:.4f}")
+    if metrics["unscorable"]:
+        print(f"{len(metrics['unscorable'])} clips could not be read and are not scored:")
+        for clip in metrics["unscorable"]:
+            print(f"  {clip['reason']}")
     width = max(len(c) for c in classes)
     print("confusion matrix (rows: true class, columns: predicted):")
     for name, row in zip(classes, metrics["confusion"]):
@@ -182,8 +211,9 @@ def _eval(args) -> None:
 
 def _visualize(args) -> None:
     from .data.dataset import uniform_indices
+    from .data.loader import DataConfig
     from .data.video_io import read_clip
-    from .engine import DataConfig, load_checkpoint
+    from .engine import load_checkpoint
     from .visualize import visualize_flow
 
     model, checkpoint = load_checkpoint(args.checkpoint, backend=args.backend)
@@ -211,12 +241,28 @@ def _synth(args) -> None:
     print(f"wrote the synthetic motion dataset to {root} (train.txt, val.txt, classes.txt)")
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+# the exit status of a run stopped by SIGTERM (128 + 15, as a shell reports a process killed by it)
+PREEMPTED_EXIT = 143
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .data.video_io import ClipReadError
+    from .preemption import Preempted
+
     args = build_parser().parse_args(argv)
     handlers = {"synth": _synth, "train": _train, "eval": _eval, "visualize": _visualize, "demo": _demo}
     try:
         handlers[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"amflow {args.command}: error: {error}", file=sys.stderr)
+    except Preempted as stop:
+        if _is_main_process():
+            print(f"amflow {args.command}: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except (ValueError, TypeError, FileNotFoundError, ClipReadError) as error:
+        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"amflow {args.command}{where}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from .build import ModelConfig, parameter_report
 from .data.annotations import load_annotations
+from .data.loader import DataConfig
 from .data.synthetic import generate_synthetic
 from .data.video_io import read_clip
-from .engine import DataConfig, fit, load_checkpoint, train_image_model
+from .engine import fit, load_checkpoint, train_image_model
 from .visualize import visualize_flow
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=4)

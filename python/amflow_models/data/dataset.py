@@ -8,7 +8,9 @@ Sampling (``num_frames`` indices out of a clip of ``total`` frames):
 Clips shorter than what is asked for loop.
 
 Training views: one random-resized crop shared by all frames, then a horizontal flip with
-probability ½ that also swaps mirrored labels (``flip_pairs``). Test views: the short side
+probability ½ that also swaps mirrored labels (``flip_pairs``). Every random choice is drawn
+from ``rng`` (a ``random.Random``; the ``random`` module itself by default), so a training item
+is a function of its index and its generator's seed (see ``loader.py``). Test views: the short side
 resized to ``image_size``, then ``num_crops`` crops (1: centre; 3: both ends and centre of the
 long side), for each of ``num_clips`` temporal clips: ``(V, T, 3, S, S)`` with V = clips × crops.
 """
@@ -28,19 +30,19 @@ from .video_io import read_clip
 SAMPLINGS = ("uniform", "dense")
 
 
-def uniform_indices(total: int, num_frames: int, *, train: bool, shift: float = 0.5) -> list[int]:
+def uniform_indices(total: int, num_frames: int, *, train: bool, shift: float = 0.5, rng=random) -> list[int]:
     """One frame per segment: at a random point (train) or at fraction ``shift`` of each segment."""
     segment = total / num_frames
-    return [min(total - 1, int(segment * (i + (random.random() if train else shift)))) for i in range(num_frames)]
+    return [min(total - 1, int(segment * (i + (rng.random() if train else shift)))) for i in range(num_frames)]
 
 
 def dense_indices(
-    total: int, num_frames: int, interval: int, *, train: bool, clip: int = 0, num_clips: int = 1
+    total: int, num_frames: int, interval: int, *, train: bool, clip: int = 0, num_clips: int = 1, rng=random
 ) -> list[int]:
     """``num_frames`` frames ``interval`` apart, from a random start (train) or the start of test
     clip ``clip`` of ``num_clips`` spread evenly; looping where the clip is too short."""
     span = max(0, total - (num_frames - 1) * interval - 1)
-    start = random.randint(0, span) if train else round(span * (clip + 0.5) / num_clips) if span else 0
+    start = rng.randint(0, span) if train else round(span * (clip + 0.5) / num_clips) if span else 0
     return [(start + i * interval) % total for i in range(num_frames)]
 
 
@@ -52,15 +54,15 @@ def resize_short_side(video: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(video, size=target, mode="bilinear", antialias=True, align_corners=False)
 
 
-def random_resized_crop(video: torch.Tensor, size: int, scale: tuple[float, float]) -> torch.Tensor:
+def random_resized_crop(video: torch.Tensor, size: int, scale: tuple[float, float], rng=random) -> torch.Tensor:
     """One crop of random area fraction in ``scale`` and aspect ratio in [3/4, 4/3], for all frames."""
     height, width = video.shape[-2:]
     for _ in range(10):
-        area = height * width * random.uniform(*scale)
-        ratio = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+        area = height * width * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         h, w = round(math.sqrt(area / ratio)), round(math.sqrt(area * ratio))
         if 0 < h <= height and 0 < w <= width:
-            top, left = random.randint(0, height - h), random.randint(0, width - w)
+            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
             break
     else:
         h = w = min(height, width)
@@ -121,11 +123,14 @@ class VideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _indices(self, total: int, clip: int) -> list[int]:
+    def _indices(self, total: int, clip: int, rng) -> list[int]:
         if self.sampling == "uniform":
-            return uniform_indices(total, self.num_frames, train=self.train, shift=(clip + 0.5) / self.num_clips)
+            return uniform_indices(
+                total, self.num_frames, train=self.train, shift=(clip + 0.5) / self.num_clips, rng=rng
+            )
         return dense_indices(
-            total, self.num_frames, self.frame_interval, train=self.train, clip=clip, num_clips=self.num_clips
+            total, self.num_frames, self.frame_interval, train=self.train, clip=clip, num_clips=self.num_clips,
+            rng=rng,
         )
 
     def _to_float(self, frames: torch.Tensor) -> torch.Tensor:
@@ -135,16 +140,21 @@ class VideoDataset(Dataset):
         return (video - self.mean) / self.std
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.load(index)
+
+    def load(self, index: int, rng=random) -> tuple[torch.Tensor, int]:
+        """Item ``index`` with its random choices drawn from ``rng``; raises ``ClipReadError``
+        (or ``OSError``) for a clip that cannot be read."""
         record = self.records[index]
         label = record.label
         if self.train:
-            video = self._to_float(read_clip(record.path, lambda total: self._indices(total, 0)))
-            video = random_resized_crop(video, self.image_size, self.scale)
-            if self.flip and random.random() < 0.5:
+            video = self._to_float(read_clip(record.path, lambda total: self._indices(total, 0, rng)))
+            video = random_resized_crop(video, self.image_size, self.scale, rng)
+            if self.flip and rng.random() < 0.5:
                 video, label = video.flip(-1), self.flip_pairs.get(label, label)
             return self._normalise(video), label
         views = []
         for clip in range(self.num_clips):
-            video = self._to_float(read_clip(record.path, lambda total, c=clip: self._indices(total, c)))
+            video = self._to_float(read_clip(record.path, lambda total, c=clip: self._indices(total, c, rng)))
             views += spatial_crops(resize_short_side(video, self.image_size), self.image_size, self.num_crops)
         return self._normalise(torch.stack(views)), label

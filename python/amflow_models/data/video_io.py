@@ -1,6 +1,7 @@
 """Reading and writing clips: video files through PyAV (FFmpeg), folders of frames through Pillow.
 
-Frames are ``uint8`` tensors ``(T, H, W, 3)`` (RGB).
+Frames are ``uint8`` tensors ``(T, H, W, 3)`` (RGB). A clip that exists but cannot be decoded
+raises :class:`ClipReadError`, whatever library failed on it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import numpy as np
 import torch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class ClipReadError(RuntimeError):
+    """A video file or frame that exists but cannot be decoded (truncated, corrupt, not a video)."""
 
 
 def frame_files(folder: str | Path) -> list[Path]:
@@ -33,8 +38,11 @@ def read_clip(path: str | Path, pick: Callable[[int], Sequence[int]]) -> torch.T
         indices = list(pick(len(files)))
         from PIL import Image
 
-        loaded = {i: np.asarray(Image.open(files[i]).convert("RGB")) for i in sorted(set(indices))}
-        return torch.from_numpy(np.stack([loaded[i] for i in indices]))
+        try:
+            loaded = {i: np.asarray(Image.open(files[i]).convert("RGB")) for i in sorted(set(indices))}
+            return torch.from_numpy(np.stack([loaded[i] for i in indices]))
+        except (OSError, ValueError) as error:  # PIL: unidentified or truncated image; np: mixed sizes
+            raise ClipReadError(f"cannot decode frames of {str(path)!r}: {error}") from error
     return _read_video(path, pick)
 
 
@@ -54,17 +62,17 @@ def _read_video(path: Path, pick: Callable[[int], Sequence[int]]) -> torch.Tenso
                     if i >= stop:
                         break
                 if not kept:
-                    raise RuntimeError(f"video {str(path)!r} has no decodable frames")
+                    raise ClipReadError(f"video {str(path)!r} has no decodable frames")
                 # a header's count can exceed what decodes: such indices get the last decoded frame
                 last = kept[max(kept)]
                 frames = [kept.get(i, last) for i in indices]
             else:
                 decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
                 if not decoded:
-                    raise RuntimeError(f"video {str(path)!r} has no decodable frames")
+                    raise ClipReadError(f"video {str(path)!r} has no decodable frames")
                 frames = [decoded[i] for i in pick(len(decoded))]
     except av.error.FFmpegError as error:
-        raise RuntimeError(f"cannot decode video {str(path)!r}: {error}") from error
+        raise ClipReadError(f"cannot decode video {str(path)!r}: {error}") from error
     return torch.from_numpy(np.stack(frames))
 
 
