@@ -122,6 +122,7 @@ setup(
         "triton>=3.3; platform_system == 'Linux'",
         # the model package (python/amflow_models)
         "timm>=1.0",
+        "torchvision",  # timm's dependency too; the training clips' RandAugment and RandomErasing
         "av>=12",
         "numpy",
         "pillow",

@@ -40,8 +40,8 @@ for _module in ("av", "tqdm"):
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is needed for the CPU runs", allow_module_level=True)
 
-TINY = ["--backbone", "vit_tiny_patch16_224", "--variant", "vanilla", "--tpm", "lstm", "--adapter-dim", "8",
-        "--num-frames", "4", "--workers", "0", "--no-progress", "--backend", "reference",
+TINY = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--variant", "vanilla", "--tpm", "lstm",
+        "--adapter-dim", "8", "--num-frames", "4", "--workers", "0", "--no-progress", "--backend", "reference",
         *(f"--backbone-arg={kv}" for kv in ("img_size=32", "patch_size=8", "embed_dim=32", "depth=2", "num_heads=2"))]
 EPOCHS = 3
 

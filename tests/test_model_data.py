@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from amflow_models.cli import build_parser, main
-from amflow_models.data.annotations import flip_label_pairs, load_annotations
+from amflow_models.data.annotations import VideoRecord, flip_label_pairs, load_annotations
 from amflow_models.data.dataset import VideoDataset, dense_indices, uniform_indices
 from amflow_models.data.synthetic import CLASSES, generate_synthetic, render_clip
 from amflow_models.data.video_io import read_clip, write_video
@@ -68,6 +68,32 @@ def test_video_dataset_train_and_test_views(synthetic):
     assert video.shape == (4, 3, 24, 24) and video.dtype == torch.float32
     views, label = VideoDataset(records, train=False, num_clips=2, num_crops=3, **kw)[1]
     assert views.shape == (6, 4, 3, 24, 24) and label == records[1].label
+
+
+def test_rand_augment_and_random_erasing_treat_every_frame_alike(tmp_path):
+    """A clip of 4 identical frames stays 4 identical frames through RandAugment and random
+    erasing; an item is a function of its generator's seed."""
+    import random
+
+    from PIL import Image
+
+    frame = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    (tmp_path / "clip").mkdir()
+    for i in range(4):
+        Image.fromarray(frame).save(tmp_path / "clip" / f"img_{i:05d}.png")
+    records = [VideoRecord(str(tmp_path / "clip"), 0)]
+    kw = dict(num_frames=4, image_size=24, mean=(0.5,) * 3, std=(0.25,) * 3, train=True, flip=False)
+    plain = VideoDataset(records, **kw).load(0, random.Random("s"))[0]
+    augmented = VideoDataset(records, rand_augment="m9-n4", random_erasing=1.0, **kw)
+    outputs = [augmented.load(0, random.Random(seed))[0] for seed in ("s", "s", "t")]
+    for video in outputs:
+        assert all(torch.equal(video[t], video[0]) for t in range(1, 4)), "frames augmented differently"
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
+    assert not torch.equal(outputs[0], plain)
+    erased = (outputs[0] == 0).all(1).float().mean()  # RandomErasing's box: zeros after normalisation
+    assert 0.01 < erased < 0.5, f"the erased box covers {erased:.0%} of the frame"
+    with pytest.raises(ValueError, match="rand_augment must look like m7-n4"):
+        VideoDataset(records, rand_augment="m7", **kw)
 
 
 def test_flip_swaps_mirrored_labels():
@@ -155,17 +181,17 @@ def test_cli_train_eval_visualize_round_trip(synthetic, tmp_path, capsys):
     common = ["--root", str(synthetic), "--labels-file", str(synthetic / "classes.txt")]
     tiny = ("img_size=32", "patch_size=8", "embed_dim=32", "depth=2", "num_heads=2")
     backbone = [f"--backbone-arg={kv}" for kv in tiny]
-    assert main(["train", "--train-list", str(synthetic / "train.txt"), "--val-list", str(synthetic / "val.txt"),
-                 *common, "--backbone", "vit_tiny_patch16_224", *backbone, "--variant", "aligned",
-                 "--aligner-dim", "24", "--tpm", "tcn", "--adapter-dim", "8", "--num-frames", "4", "--epochs", "2",
-                 "--batch-size", "4", "--workers", "0", "--out", str(out), "--no-progress"]) == 0
+    # the recipe options too: RandAugment, random erasing, label smoothing, validation on 2 clips × 3 crops
+    args = ["train", "--train-list", str(synthetic / "train.txt"), "--val-list", str(synthetic / "val.txt"),
+            *common, "--backbone", "vit_tiny_patch16_224", "--random-init", *backbone, "--variant", "aligned",
+            "--aligner-dim", "24", "--tpm", "tcn", "--adapter-dim", "8", "--num-frames", "4", "--rand-augment", "m7-n4",
+            "--random-erasing", "0.25", "--label-smoothing", "0.1", "--val-clips", "2", "--val-crops", "3",
+            "--batch-size", "4", "--workers", "0", "--out", str(out), "--no-progress"]
+    assert main([*args, "--epochs", "2"]) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and {"top1", "top5", "confusion", "train_loss"} <= set(json.loads(lines[-1]))
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
-    assert main(["train", "--train-list", str(synthetic / "train.txt"), "--val-list", str(synthetic / "val.txt"),
-                 *common, "--backbone", "vit_tiny_patch16_224", *backbone, "--variant", "aligned",
-                 "--aligner-dim", "24", "--tpm", "tcn", "--adapter-dim", "8", "--num-frames", "4", "--epochs", "3",
-                 "--batch-size", "4", "--workers", "0", "--out", str(out), "--no-progress", "--resume"]) == 0
+    assert main([*args, "--epochs", "3", "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     metrics = tmp_path / "eval.json"
@@ -182,6 +208,11 @@ def test_cli_train_eval_visualize_round_trip(synthetic, tmp_path, capsys):
 def test_cli_reports_bad_input(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nothing.pt")]) == 2
     assert "checkpoint" in capsys.readouterr().err
+    # no weights named: refused before anything loads, naming the three ways to say what to start from
+    assert main(["train", "--train-list", "a", "--val-list", "b", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "'vit_base_patch14_dinov2.lvd142m' would start from random weights" in error
+    assert "--pretrained" in error and "--checkpoint-path" in error and "--random-init" in error
     with pytest.raises(SystemExit):
         main(["train", "--train-list", "a", "--val-list", "b", "--out", "c", "--tpm", "gru"])
 
@@ -197,3 +228,31 @@ def test_every_cli_option_says_what_it_does_and_its_default():
             assert action.help, f"{flag} has no help text"
             if action.default not in (None, False, []) and action.default is not argparse.SUPPRESS:
                 assert "default" in action.help, f"{flag} does not state its default {action.default!r}"
+
+
+def test_evaluate_on_a_hand_computed_case():
+    """Six clips of 3 classes, labels 0 0 0 0 1 2, predicted 0 0 0 1 1 0, and one unreadable
+    clip: top-1 4/6, per-class recalls 3/4, 1, 0 → mean per-class accuracy 7/12."""
+    from amflow_models.engine import evaluate
+
+    class Fixed(torch.nn.Module):
+        num_classes = 3
+
+        def forward(self, video):
+            predicted = torch.tensor([0, 0, 0, 1, 1, 0])[video[:, 0, 0, 0, 0].long()]
+            return torch.nn.functional.one_hot(predicted, 3).float() * 5
+
+    labels = [0, 0, 0, 0, 1, 2]
+    batches = [
+        {"video": torch.arange(first, first + 3).float().view(3, 1, 1, 1, 1),
+         "label": torch.tensor(labels[first:first + 3]), "index": torch.arange(first, first + 3),
+         "failed": [], "unscorable": []}
+        for first in (0, 3)
+    ]
+    batches.append({"video": None, "label": torch.zeros(0, dtype=torch.long), "index": torch.zeros(0, dtype=torch.long),
+                    "failed": [("gone.mp4", "cannot decode video 'gone.mp4'")], "unscorable": [6]})
+    metrics = evaluate(Fixed(), batches)
+    assert metrics["top1"] == 4 / 6 and metrics["top5"] == 1.0 and metrics["clips"] == 6
+    assert metrics["mean_class_accuracy"] == pytest.approx(7 / 12)
+    assert metrics["confusion"] == [[3, 1, 0], [0, 1, 0], [1, 0, 0]]
+    assert metrics["unscorable"] == [{"path": "gone.mp4", "reason": "cannot decode video 'gone.mp4'"}]

@@ -177,6 +177,72 @@ def test_parameter_report_counts_every_parameter():
     assert set(model.flows) == {"1", "3"}
 
 
+def test_pretrained_weights_that_cannot_load_say_how_to_supply_them(monkeypatch):
+    import timm
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+        raise AssertionError("only the pretrained path is tried here")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ValueError, match=r"timm's pretrained weights for 'vit_base_patch14_dinov2.lvd142m' cannot "
+                                         r"be loaded \(We couldn't connect .*\); without network access, download "
+                                         r"them on another machine and pass their file as checkpoint_path"):
+        create_backbone("vit_base_patch14_dinov2.lvd142m", pretrained=True, img_size=224)
+
+
+def test_am2_layout_adapters_everywhere_flow_and_tpms_in_first_and_last_blocks():
+    """The AVSS paper's AM/2(1,12) on a 3-block ViT: AM/2(1,3). Only blocks 1 and 3 feed TPMs, so
+    the logits average 2·2 TPM heads and the last-frame head; block 2 still adapts the stream."""
+    config = ModelConfig(num_classes=5, backbone="vit_tiny_patch16_224", backbone_kwargs=TINY, variant="vanilla",
+                         adapter_dim=8, flow_blocks=[1, 3], tpm_blocks=[1, 3])
+    model = build_model(config).double()
+    randomise_adapters(model)
+    assert set(model.adapters) == {"1", "2", "3"} and set(model.flows) == set(model.tpms) == {"1", "3"}
+    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
+    heads = []
+    hooks = [m.head.register_forward_hook(lambda m, a, out: heads.append(out)) for t in model.tpms.values()
+             for m in t.values()]
+    frame = model.frame_head.register_forward_hook(lambda m, a, out: heads.append(out))
+    logits = model(video)
+    for hook in (*hooks, frame):
+        hook.remove()
+    assert len(heads) == 5
+    torch.testing.assert_close(logits, torch.stack(heads).mean(0))
+    with torch.no_grad():  # block 2's adapters change the output though no TPM reads them
+        model.adapters["2"]["mlp"].up.weight.zero_()
+        model.adapters["2"]["mlp"].up.bias.zero_()
+    assert not torch.allclose(model(video), logits)
+    with pytest.raises(ValueError, match=r"tpm_blocks \(1, 3\) must be adapted blocks"):
+        AMFlowVideoModel(tiny_backbone(), 4, adapter_blocks=[1, 2], tpm_blocks=[1, 3])
+
+
+def test_adapter_activation_is_the_papers_relu_unless_asked():
+    model = build_model(ModelConfig(num_classes=4, backbone="vit_tiny_patch16_224", backbone_kwargs=TINY))
+    assert all(isinstance(a.act, torch.nn.ReLU) for parts in model.adapters.values() for a in parts.values())
+    gelu = AMFlowVideoModel(tiny_backbone(), 4, adapter_dim=8, adapter_activation="gelu")
+    assert isinstance(gelu.adapters["1"]["attn"].act, torch.nn.GELU)
+    # a checkpoint written before the activation was a setting rebuilds as it was trained: GELU
+    assert ModelConfig.from_dict({"num_classes": 4}).adapter_activation == "gelu"
+    assert ModelConfig.from_dict(ModelConfig(num_classes=4).to_dict()).adapter_activation == "relu"
+    with pytest.raises(ValueError, match="activation must be one of relu, gelu, got 'tanh'"):
+        AMFlowVideoModel(tiny_backbone(), 4, adapter_activation="tanh")
+
+
+def test_zeroi2v_config_heads_and_quarter_width_bottleneck():
+    """Table 11's head offsets from the config (head 0 first); bottleneck = width / 4 by default."""
+    config = ModelConfig(num_classes=4, backbone="vit_tiny_patch16_224", backbone_kwargs={**TINY, "num_heads": 6},
+                         variant="zeroi2v", temporal_heads=[-1, 1, -2, 2, 3])
+    model = build_model(config)
+    assert model.temporal_heads == {0: -1, 1: 1, 2: -2, 3: 2, 4: 3}
+    assert model.adapters["1"]["qkv"].down.out_features == TINY["embed_dim"] // 4
+    assert ZeroI2V(tiny_backbone(num_heads=16, embed_dim=64), 4).temporal_heads == {0: -1, 1: -1, 2: 1, 3: 1}
+    with pytest.raises(ValueError, match="temporal_heads is a ZeroI2V setting; variant 'vanilla' has no STDHA"):
+        build_model(ModelConfig(num_classes=4, backbone="vit_tiny_patch16_224", backbone_kwargs=TINY,
+                                temporal_heads=[1]))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("flow", ["vanilla", "aligned"])
 def test_bf16_autocast_on_gpu_matches_the_reference_kernels(flow):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
 
 class ScaledParallelAdapter(nn.Module):
     """``a(x) = s · f(x W_down) W_up`` (eq. 1 of AM Flow), added to the residual stream beside a
@@ -16,15 +18,21 @@ class ScaledParallelAdapter(nn.Module):
         out_features: the token width C.
         bottleneck: width of the down-projection, the embedding the temporal modules read.
         init_scale: initial value of the learnable scalar s.
+        activation: f, ``"relu"`` (the papers' eq. 6: ``E = ReLU(W_down(LN(X) ‖ AMFlow))``) or
+            ``"gelu"``.
 
     ``W_up`` starts at zero, so the adapted model starts as the frozen backbone.
     ``forward`` returns ``(a(x), f(x W_down))``.
     """
 
-    def __init__(self, in_features: int, out_features: int, bottleneck: int, init_scale: float = 1.0):
+    def __init__(
+        self, in_features: int, out_features: int, bottleneck: int, init_scale: float = 1.0, activation: str = "relu"
+    ):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         self.down = nn.Linear(in_features, bottleneck)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(bottleneck, out_features)
         self.scale = nn.Parameter(torch.tensor(float(init_scale)))
         nn.init.zeros_(self.up.weight)

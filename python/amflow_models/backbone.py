@@ -44,7 +44,17 @@ def create_backbone(
         kwargs["num_classes"] = num_classes
     if not timm.is_model(name.split(".")[0]):
         raise ValueError(f"create_backbone: name {name!r} is not a timm model; see timm.list_models('vit_*')")
-    model = timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
+    except (OSError, RuntimeError) as error:  # no network, no such weights, an unreadable file
+        if not pretrained:
+            raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"create_backbone: timm's pretrained weights for {name!r} cannot be loaded ({reason}); without "
+            "network access, download them on another machine and pass their file as checkpoint_path "
+            "(--checkpoint-path) instead of pretrained (--pretrained)"
+        ) from error
     check_backbone(model, name)
     return freeze(model)
 

@@ -18,18 +18,29 @@ class ModelConfig:
     """Everything needed to rebuild a model (stored in every checkpoint).
 
     ``variant``: ``vanilla``/``aligned`` AM flow, ``none`` (the same adapters and TPMs without
-    AM flow) or ``zeroi2v``. Block numbers are 1-based, as in the paper ("AM/2(1,12)")."""
+    AM flow) or ``zeroi2v``. The default backbone is the papers' DINOv2 ViT-B/14 at 224 pixels
+    (16 × 16 patches); its weights come from ``pretrained`` (a download) or ``checkpoint_path``.
+    Block numbers are 1-based, as in the paper: its AM/2(1,12) is
+    ``flow_blocks=[1, 12], tpm_blocks=[1, 12]`` with adapters in every block.
+
+    ``adapter_dim`` defaults to 64 for the AM flow variants (the papers give no width) and to a
+    quarter of the token width for ZeroI2V (its ratio 0.25). ``temporal_heads`` (ZeroI2V only)
+    lists STDHA's frame offsets, head 0 first, e.g. ``[-1, 1]`` or, for 32 frames,
+    ``[-1, 1, -2, 2, 3]``; default: ``zeroi2v.default_temporal_heads``."""
 
     num_classes: int
-    backbone: str = "vit_base_patch16_224"
+    backbone: str = "vit_base_patch14_dinov2.lvd142m"
     pretrained: bool = False
     checkpoint_path: str | None = None
-    backbone_kwargs: dict = field(default_factory=dict)
+    backbone_kwargs: dict = field(default_factory=lambda: {"img_size": 224})
     variant: str = "vanilla"
     tpm: str = "lstm"
-    adapter_dim: int = 64
+    adapter_dim: int | None = None
+    adapter_activation: str = "relu"
     adapter_blocks: list[int] | None = None
     flow_blocks: list[int] | None = None
+    tpm_blocks: list[int] | None = None
+    temporal_heads: list[int] | None = None
     offset: int = 1
     max_frames: int = 32
     aligner_dim: int = 96
@@ -42,7 +53,8 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"ModelConfig: unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        # configs written before the activation was a setting used GELU
+        return cls(**{"adapter_activation": "gelu", **values})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,13 +69,17 @@ def build_model(config: ModelConfig) -> nn.Module:
         **config.backbone_kwargs,
     )
     if config.variant == "zeroi2v":
-        return ZeroI2V(backbone, config.num_classes, adapter_dim=config.adapter_dim,
+        heads = dict(enumerate(config.temporal_heads)) if config.temporal_heads is not None else None
+        return ZeroI2V(backbone, config.num_classes, temporal_heads=heads, adapter_dim=config.adapter_dim,
                        adapter_blocks=config.adapter_blocks)
+    if config.temporal_heads is not None:
+        raise ValueError(f"temporal_heads is a ZeroI2V setting; variant {config.variant!r} has no STDHA")
     return AMFlowVideoModel(
         backbone, config.num_classes, flow=config.variant, flow_blocks=config.flow_blocks,
-        adapter_blocks=config.adapter_blocks, tpm=config.tpm, adapter_dim=config.adapter_dim,
-        offset=config.offset, max_frames=config.max_frames, aligner_dim=config.aligner_dim,
-        aligner_depth=config.aligner_depth, backend=config.backend,
+        adapter_blocks=config.adapter_blocks, tpm_blocks=config.tpm_blocks, tpm=config.tpm,
+        adapter_dim=config.adapter_dim or 64, adapter_activation=config.adapter_activation, offset=config.offset,
+        max_frames=config.max_frames, aligner_dim=config.aligner_dim, aligner_depth=config.aligner_depth,
+        backend=config.backend,
     )
 
 

@@ -18,11 +18,24 @@ from .distributed import DIST_BACKENDS
 from .tpm import TPM_KINDS
 
 
-def _blocks(text: str) -> list[int]:
+def _integers(example: str):
+    """An argparse type: comma-separated integers (block numbers, frame offsets)."""
+    def parse(text: str) -> list[int]:
+        try:
+            return [int(b) for b in text.split(",") if b.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected integers like {example}, got {text!r}") from None
+    return parse
+
+
+def _rand_augment(text: str) -> str:
+    from .data.dataset import parse_rand_augment
+
     try:
-        return [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 1-based block numbers like 1,12, got {text!r}") from None
+        parse_rand_augment(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _backbone_arg(text: str) -> tuple[str, object]:
@@ -84,19 +97,42 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--min-scale", type=float, default=0.4,
                        help="smallest area fraction of the training crop (default: %(default)s)")
     train.add_argument("--no-flip", action="store_true", help="no horizontal flips in training")
-    train.add_argument("--backbone", default="vit_base_patch16_224",
-                       help="a timm ViT name, tag allowed (default: %(default)s)")
-    train.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights for the tag")
-    train.add_argument("--checkpoint-path", help="a local weights file for the backbone")
+    train.add_argument("--rand-augment", type=_rand_augment, metavar="mM-nN",
+                       help="RandAugment of training clips, the same ops on every frame, e.g. m7-n4 (ZeroI2V's "
+                       "recipe); default: none")
+    train.add_argument("--random-erasing", type=float, default=0.0,
+                       help="probability of erasing a box, the same on every frame, of a training clip; ZeroI2V's "
+                       "recipe uses 0.25 (default: %(default)s)")
+    train.add_argument("--backbone", default="vit_base_patch14_dinov2.lvd142m",
+                       help="a timm ViT name, tag allowed; the default is the papers' DINOv2 ViT-B/14 (default: "
+                       "%(default)s)")
+    weights = train.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true",
+                         help="load timm's pretrained weights for the tag (a download, cached)")
+    weights.add_argument("--checkpoint-path", help="a local weights file for the backbone")
+    weights.add_argument("--random-init", action="store_true",
+                         help="freeze a randomly initialised backbone on purpose (tests, smoke runs); without one "
+                         "of these three flags train refuses to start")
     train.add_argument("--backbone-arg", type=_backbone_arg, action="append", default=[], metavar="KEY=VALUE",
-                       help="more timm.create_model arguments, e.g. img_size=224 (repeatable)")
+                       help="more timm.create_model arguments, e.g. depth=6 (repeatable; img_size=224 unless "
+                       "given)")
     train.add_argument("--variant", default="vanilla", choices=VARIANTS,
                        help="AM flow variant, none (adapters only) or the ZeroI2V baseline (default: %(default)s)")
     train.add_argument("--tpm", default="lstm", choices=TPM_KINDS,
                        help="temporal processing module (default: %(default)s)")
-    train.add_argument("--adapter-dim", type=int, default=64, help="adapter bottleneck width (default: %(default)s)")
-    train.add_argument("--adapter-blocks", type=_blocks, help="1-based, e.g. 1,12 (default: all)")
-    train.add_argument("--flow-blocks", type=_blocks, help="1-based blocks with AM flow (default: all adapted)")
+    train.add_argument("--adapter-dim", type=int,
+                       help="adapter bottleneck width (default: 64; zeroi2v: a quarter of the token width)")
+    train.add_argument("--adapter-activation", default="relu", choices=["relu", "gelu"],
+                       help="the adapters' activation; relu is the papers' eq. 6 (default: %(default)s)")
+    train.add_argument("--adapter-blocks", type=_integers("1,12"), help="1-based, e.g. 1,12 (default: all)")
+    train.add_argument("--flow-blocks", type=_integers("1,12"),
+                       help="1-based blocks with AM flow (default: all adapted)")
+    train.add_argument("--tpm-blocks", type=_integers("1,12"),
+                       help="1-based adapted blocks whose adapters feed TPMs; the AVSS paper's AM/2(1,12) is "
+                       "--flow-blocks 1,12 --tpm-blocks 1,12 (default: all adapted)")
+    train.add_argument("--temporal-heads", type=_integers("-1,1,2"), metavar="OFFSETS",
+                       help="zeroi2v: STDHA's frame offset of heads 0, 1, …, e.g. --temporal-heads=-1,1,-2,2,3 "
+                       "(default: -1,1 per 8 heads)")
     train.add_argument("--offset", type=int, default=1, help="frame distance of AM flow (default: %(default)s)")
     train.add_argument("--aligner-dim", type=int, default=96,
                        help="aligning encoder width, aligned variant (default: %(default)s)")
@@ -105,7 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3,
                        help="AdamW peak learning rate, cosine schedule (default: %(default)s)")
     train.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
+    train.add_argument("--label-smoothing", type=float, default=0.0,
+                       help="of the training cross-entropy; ZeroI2V's recipe uses 0.1 (default: %(default)s)")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--val-clips", type=int, default=1,
+                       help="temporal clips per validation video, for best.pt by the test protocol (default: "
+                       "%(default)s)")
+    train.add_argument("--val-crops", type=int, default=1, choices=[1, 3],
+                       help="spatial crops per validation clip (default: %(default)s)")
     train.add_argument("--resume", action="store_true",
                        help="continue from OUT/last.pt exactly where it stopped (after an epoch, or mid-epoch on "
                        "SIGTERM); same settings and global batch")
@@ -154,23 +197,34 @@ def _train(args) -> None:
     from .data.loader import DataConfig
     from .engine import fit
 
+    if not (args.pretrained or args.checkpoint_path or args.random_init):
+        raise ValueError(
+            f"the backbone {args.backbone!r} would start from random weights, and a frozen random backbone "
+            "learns nothing: pass --pretrained (timm's weights for the tag, a download) or --checkpoint-path "
+            "FILE (weights fetched elsewhere); --random-init if that is what you want (tests, smoke runs)"
+        )
     _, classes = load_annotations(args.format, args.val_list, args.root, labels_file=args.labels_file,
                                   skip_missing=args.skip_missing)
     config = ModelConfig(
         num_classes=len(classes), backbone=args.backbone, pretrained=args.pretrained,
-        checkpoint_path=args.checkpoint_path, backbone_kwargs=dict(args.backbone_arg), variant=args.variant,
-        tpm=args.tpm, adapter_dim=args.adapter_dim, adapter_blocks=args.adapter_blocks,
-        flow_blocks=args.flow_blocks, offset=args.offset, max_frames=max(32, args.num_frames),
+        checkpoint_path=args.checkpoint_path, backbone_kwargs={"img_size": 224, **dict(args.backbone_arg)},
+        variant=args.variant,
+        tpm=args.tpm, adapter_dim=args.adapter_dim, adapter_activation=args.adapter_activation,
+        adapter_blocks=args.adapter_blocks, flow_blocks=args.flow_blocks, tpm_blocks=args.tpm_blocks,
+        temporal_heads=args.temporal_heads, offset=args.offset, max_frames=max(32, args.num_frames),
         aligner_dim=args.aligner_dim, aligner_depth=args.aligner_depth, backend=args.backend or "auto",
     )
     data = DataConfig(
         train_list=args.train_list, val_list=args.val_list, format=args.format, root=args.root,
         labels_file=args.labels_file, num_frames=args.num_frames, sampling=args.sampling,
         frame_interval=args.frame_interval, image_size=args.image_size, skip_missing=args.skip_missing,
-        flip=not args.no_flip, min_scale=args.min_scale,
+        flip=not args.no_flip, min_scale=args.min_scale, rand_augment=args.rand_augment,
+        random_erasing=args.random_erasing,
     )
     result = fit(config, data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                 weight_decay=args.weight_decay, workers=args.workers, device=args.device,
+                 weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                 val_views=(args.val_clips, args.val_crops), workers=args.workers,
+                 device=args.device,
                  dist_backend=args.dist_backend, compile=args.compile, resume=args.resume, seed=args.seed,
                  max_bad_clips=args.max_bad_clips, progress=not args.no_progress)
     best = result["best"]
@@ -196,7 +250,8 @@ def _eval(args) -> None:
         return
     print(format_report(parameter_report(model)))
     print(f"{annotation_file}: {metrics['clips']} clips, {args.clips}×{args.crops} views: top-1 "
-          f"{metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, loss {metrics['loss']:.4f}")
+          f"{metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, mean per-class top-1 "
+          f"{metrics['mean_class_accuracy']:.4f}, loss {metrics['loss']:.4f}")
     if metrics["unscorable"]:
         print(f"{len(metrics['unscorable'])} clips could not be read and are not scored:")
         for clip in metrics["unscorable"]:

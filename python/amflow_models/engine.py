@@ -51,7 +51,9 @@ def autocast(device: torch.device):
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, runtime: Runtime | None = None, *,
              progress: bool = False) -> dict:
-    """Top-1/top-5 accuracy, mean loss and the confusion matrix (rows: true class) of the clips
+    """Top-1/top-5 accuracy, mean per-class top-1 (``mean_class_accuracy``: the mean over the
+    classes present of each class's recall, Toyota Smarthome's metric), mean loss and the
+    confusion matrix (rows: true class) of the clips
     of ``loader``, which the processes of ``runtime`` share (``ShardSampler``); every process
     returns the metrics of all clips, computed from per-clip results in clip order, so they equal
     a single-process evaluation's. Test items with several views ``(B, V, T, …)`` are scored by
@@ -83,8 +85,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, runtime: Runtime | None
     for _, label, _, ranked in scored:
         confusion[label][ranked[0]] += 1
     count = len(scored)
+    recalls = [row[c] / sum(row) for c, row in enumerate(confusion) if sum(row)]
     return {
         "top1": sum(ranked[0] == label for _, label, _, ranked in scored) / count,
+        "mean_class_accuracy": sum(recalls) / len(recalls),
         "top5": sum(label in ranked for _, label, _, ranked in scored) / count,
         "loss": math.fsum(loss for _, _, loss, _ in scored) / count,
         "clips": count, "unscorable": unscorable, "confusion": confusion,
@@ -134,7 +138,7 @@ def set_random_states(states: dict, device: torch.device) -> None:
 
 
 # what a resumed run must keep: the data order and the schedule depend on them (see _check_resumable)
-RUN_SETTINGS = ("global_batch", "train_clips", "lr", "weight_decay", "seed")
+RUN_SETTINGS = ("global_batch", "train_clips", "lr", "weight_decay", "label_smoothing", "val_views", "seed")
 # where the data lives may change between a run and its resumption (another node's scratch disk)
 DATA_LOCATIONS = {"train_list", "val_list", "root", "labels_file"}
 
@@ -148,7 +152,8 @@ def _check_resumable(checkpoint: dict, path: Path, model_config: ModelConfig, da
     if "run" not in checkpoint:
         raise ValueError(f"--resume: {str(path)!r} holds no state to resume from (a best.pt, or an older amflow's)")
     problems = []
-    for what, saved, now in (("model", checkpoint["model_config"], model_config.to_dict()),
+    for what, saved, now in (("model", ModelConfig.from_dict(checkpoint["model_config"]).to_dict(),
+                              model_config.to_dict()),
                              ("data", checkpoint["data_config"], asdict(data)), ("run", checkpoint["run"], run)):
         ignored = {"backend"} if what == "model" else DATA_LOCATIONS
         keys = RUN_SETTINGS if what == "run" else sorted((set(saved) | set(now)) - ignored)
@@ -171,11 +176,14 @@ def _normalised(value):
 def fit(
     model_config: ModelConfig, data: DataConfig, out_dir: str | Path, *, epochs: int = 10, batch_size: int = 8,
     lr: float = 1e-3, weight_decay: float = 0.05, workers: int = 2, device: str | None = None,
-    dist_backend: str = "auto", compile: bool = False, resume: bool = False, seed: int = 0, max_bad_clips: int = 10,
-    progress: bool = True, log=print,
+    label_smoothing: float = 0.0, val_views: tuple[int, int] = (1, 1), dist_backend: str = "auto",
+    compile: bool = False, resume: bool = False, seed: int = 0, max_bad_clips: int = 10, progress: bool = True,
+    log=print,
 ) -> dict:
-    """Train ``model_config`` on ``data`` (AdamW, cosine schedule with one warm-up epoch),
-    evaluate after every epoch, keep ``last.pt`` and ``best.pt`` (by val top-1) in ``out_dir``.
+    """Train ``model_config`` on ``data`` (AdamW, cosine schedule with one warm-up epoch,
+    cross-entropy with ``label_smoothing``), evaluate after every epoch on ``val_views``
+    (temporal clips, spatial crops: the evaluation protocol's, for a ``best.pt`` chosen by it),
+    keep ``last.pt`` and ``best.pt`` (by val top-1) in ``out_dir``.
 
     Under torchrun every process calls this and trains a ``DistributedDataParallel`` replica:
     ``batch_size`` is per process, a step takes world size × ``batch_size`` clips, and nothing
@@ -195,16 +203,19 @@ def fit(
         raise ValueError("fit: the data config needs train_list and val_list")
     if max_bad_clips < 0:
         raise ValueError(f"max_bad_clips must be ≥ 0, got {max_bad_clips}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     # SIGTERM caught from the start: one during setup stops the run after its first step
     with StopRequest() as stop, session(device, dist_backend) as runtime:
         return _fit(runtime, stop, model_config, data, Path(out_dir), epochs=epochs, batch_size=batch_size, lr=lr,
-                    weight_decay=weight_decay, workers=workers, compile=compile, resume=resume, seed=seed,
+                    weight_decay=weight_decay, label_smoothing=label_smoothing, val_views=tuple(val_views),
+                    workers=workers, compile=compile, resume=resume, seed=seed,
                     max_bad_clips=max_bad_clips, progress=progress and runtime.is_main,
                     log=log if runtime.is_main else lambda *_: None)
 
 
 def _fit(runtime: Runtime, stop: StopRequest, model_config, data, out_dir, *, epochs, batch_size, lr, weight_decay,
-         workers, compile, resume, seed, max_bad_clips, progress, log) -> dict:
+         label_smoothing, val_views, workers, compile, resume, seed, max_bad_clips, progress, log) -> dict:
     device, world_size = runtime.device, runtime.world_size
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +225,8 @@ def _fit(runtime: Runtime, stop: StopRequest, model_config, data, out_dir, *, ep
     train_loader, classes = make_loader(data, data.train_list, train=True, batch_size=batch_size, workers=workers,
                                         world_size=world_size, rank=runtime.rank, seed=seed)
     val_loader, _ = make_loader(data, data.val_list, train=False, batch_size=batch_size, workers=workers,
-                                world_size=world_size, rank=runtime.rank, seed=seed)
+                                world_size=world_size, rank=runtime.rank, seed=seed, num_clips=val_views[0],
+                                num_crops=val_views[1])
     if len(classes) != model_config.num_classes:
         raise ValueError(f"num_classes={model_config.num_classes} but the annotations have {len(classes)} classes")
     seed_everything(seed + 1 + runtime.rank)  # each process its own stream (dropout, if a model has any)
@@ -229,7 +241,7 @@ def _fit(runtime: Runtime, stop: StopRequest, model_config, data, out_dir, *, ep
     )
     run = {"world_size": world_size, "batch_size": batch_size, "global_batch": world_size * batch_size,
            "train_clips": len(train_loader.dataset), "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
-           "seed": seed}
+           "label_smoothing": label_smoothing, "val_views": list(val_views), "seed": seed}
     start_epoch, start_step, history, best, bad_clips = 0, 0, [], None, {}
     loss_sum, seen = 0.0, 0  # this process's running training loss in the epoch
     last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
@@ -264,7 +276,7 @@ def _fit(runtime: Runtime, stop: StopRequest, model_config, data, out_dir, *, ep
         compiled, device_ids=[device.index] if device.type == "cuda" else None
     )
     log(f"{world_size} process{'es' if world_size > 1 else ''} × {batch_size} clips = {world_size * batch_size} clips "
-        f"per step, {steps} steps per epoch, on {device.type}")
+        f"per step, {steps} step{'s' if steps > 1 else ''} per epoch, on {device.type}")
 
     def write_last(epoch: int, step: int) -> None:
         processes = runtime.gather({"random": random_states(device), "loss_sum": loss_sum, "seen": seen})
@@ -288,7 +300,7 @@ def _fit(runtime: Runtime, stop: StopRequest, model_config, data, out_dir, *, ep
         for step, batch in enumerate(bar, start=start_step + 1):
             video, label = batch["video"].to(device, non_blocking=True), batch["label"].to(device)
             with autocast(device):
-                loss = F.cross_entropy(forward(video).float(), label)
+                loss = F.cross_entropy(forward(video).float(), label, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -344,9 +356,10 @@ def train_image_model(
     backbone: str, backbone_kwargs: dict, data: DataConfig, out_file: str | Path, *, epochs: int = 10,
     batch_size: int = 64, lr: float = 1e-3, workers: int = 2, seed: int = 0, progress: bool = True, log=print,
 ) -> dict:
-    """Fine-tune the whole image model on single frames (``data.num_frames`` is forced to 1), as
-    the paper prepares its "image model" before freezing it; save its state dict to ``out_file``
-    (loadable as ``ModelConfig.checkpoint_path``). Returns the final validation metrics."""
+    """Fine-tune the whole image model on single frames (``data.num_frames`` is forced to 1),
+    as the demo prepares its image model before freezing it; save its state dict to
+    ``out_file`` (loadable as ``ModelConfig.checkpoint_path``). Returns the final validation
+    metrics."""
     import timm
 
     seed_everything(seed)

@@ -9,10 +9,12 @@ sub-layers (eq. 1):
 
 ``flow`` is the block's AM flow per token, from the q, k the block's attention already computed
 (vanilla: ``am_flow``, H channels; aligned: the aligning encoder, its width in channels).
-Each adapter's down-projected embedding, averaged over tokens, feeds a temporal processing
-module (TPM) with its own classification head. The backbone's head on the last frame gives one
-more set of logits; the model's logits are the average of all of them (2·12 + 1 = 25 for
-ViT-B with every block adapted, as in the paper).
+In each TPM block (``tpm_blocks``, default every adapted block) each adapter's down-projected
+embedding feeds a temporal processing module (TPM) with its own classification head: the TPM
+runs along time for every token and averages its outputs over tokens (``tpm.py``). The
+backbone's head on the last frame gives one more set of logits; the model's logits are the
+average of all of them: 2·12 + 1 = 25 for ViT-B with TPMs in every block, 2·2 + 1 = 5 for the
+AVSS paper's AM/2(1,12) (adapters in every block; AM flow and TPMs in blocks 1 and 12 only).
 """
 
 from __future__ import annotations
@@ -72,23 +74,26 @@ class AMFlowVideoModel(nn.Module):
         num_classes: video classes.
         flow: ``"vanilla"``, ``"aligned"`` or ``"none"`` (adapters and TPMs without AM flow).
         flow_blocks: 1-based blocks whose MHSA adapter reads AM flow (default: all adapted blocks).
-        adapter_blocks: 1-based blocks with adapters and TPMs (default: all).
+        adapter_blocks: 1-based blocks with adapters (default: all).
+        tpm_blocks: 1-based adapted blocks whose adapters feed TPMs (default: all adapted blocks).
         tpm: ``"lstm"``, ``"tcn"`` or ``"transformer"``.
         adapter_dim: adapter bottleneck r (the width each TPM reads).
+        adapter_activation: the adapters' f, ``"relu"`` (the papers' eq. 6) or ``"gelu"``.
         offset: the frame distance Δ of AM flow.
         max_frames: the longest clip the transformer TPM accepts.
         aligner_dim, aligner_depth, aligner_heads: the aligning encoder of ``flow="aligned"``.
         backend: the ``amflow_kernels`` backend of the flow ops (``"auto"`` or ``"reference"``, …).
 
-    If the backbone's classifier already has ``num_classes`` outputs (an image model fine-tuned on
-    the dataset's frames, as in the paper), it stays frozen and gives the last frame's logits;
+    If the backbone's classifier already has ``num_classes`` outputs (say an image model
+    fine-tuned on the dataset's frames), it stays frozen and gives the last frame's logits;
     otherwise a trainable linear head on the backbone's pooled features does.
     """
 
     def __init__(
         self, backbone: nn.Module, num_classes: int, *, flow: str = "vanilla", flow_blocks=None,
-        adapter_blocks=None, tpm: str = "lstm", adapter_dim: int = 64, offset: int = 1, max_frames: int = 32,
-        aligner_dim: int = 96, aligner_depth: int = 1, aligner_heads: int = 12, backend: str = "auto",
+        adapter_blocks=None, tpm_blocks=None, tpm: str = "lstm", adapter_dim: int = 64,
+        adapter_activation: str = "relu", offset: int = 1, max_frames: int = 32, aligner_dim: int = 96,
+        aligner_depth: int = 1, aligner_heads: int = 12, backend: str = "auto",
     ):
         super().__init__()
         check_backbone(backbone)
@@ -105,10 +110,10 @@ class AMFlowVideoModel(nn.Module):
         self.adapter_blocks = check_blocks("adapter_blocks", adapter_blocks, depth)
         flow_blocks = flow_blocks or self.adapter_blocks
         self.flow_blocks = () if flow == "none" else check_blocks("flow_blocks", flow_blocks, depth)
-        if not set(self.flow_blocks) <= set(self.adapter_blocks):
-            raise ValueError(
-                f"flow_blocks {self.flow_blocks} must be adapted blocks, got adapter_blocks {self.adapter_blocks}"
-            )
+        self.tpm_blocks = check_blocks("tpm_blocks", tpm_blocks or self.adapter_blocks, depth)
+        for name, blocks in (("flow_blocks", self.flow_blocks), ("tpm_blocks", self.tpm_blocks)):
+            if not set(blocks) <= set(self.adapter_blocks):
+                raise ValueError(f"{name} {blocks} must be adapted blocks, got adapter_blocks {self.adapter_blocks}")
 
         width = backbone.embed_dim
         tokens = backbone.patch_embed.num_patches + backbone.num_prefix_tokens
@@ -125,9 +130,10 @@ class AMFlowVideoModel(nn.Module):
         for block in self.adapter_blocks:
             extra = self.flows[str(block)].features if str(block) in self.flows else 0
             self.adapters[str(block)] = nn.ModuleDict({
-                "attn": ScaledParallelAdapter(width + extra, width, adapter_dim),
-                "mlp": ScaledParallelAdapter(width, width, adapter_dim),
+                "attn": ScaledParallelAdapter(width + extra, width, adapter_dim, activation=adapter_activation),
+                "mlp": ScaledParallelAdapter(width, width, adapter_dim, activation=adapter_activation),
             })
+        for block in self.tpm_blocks:
             self.tpms[str(block)] = nn.ModuleDict({
                 part: build_tpm(tpm, adapter_dim, num_classes, max_frames) for part in ("attn", "mlp")
             })
@@ -160,11 +166,13 @@ class AMFlowVideoModel(nn.Module):
                 if return_flows:
                     flows[number] = flow.unflatten(0, (batch, frames))
             delta, embedding = self.adapters[key]["attn"](adapter_input)
-            logits.append(self.tpms[key]["attn"](_by_token(embedding, batch, frames)))
+            if key in self.tpms:
+                logits.append(self.tpms[key]["attn"](_by_token(embedding, batch, frames)))
             x = x + block.drop_path1(block.ls1(attended)) + delta
             h = block.norm2(x)
             delta, embedding = self.adapters[key]["mlp"](h)
-            logits.append(self.tpms[key]["mlp"](_by_token(embedding, batch, frames)))
+            if key in self.tpms:
+                logits.append(self.tpms[key]["mlp"](_by_token(embedding, batch, frames)))
             x = x + block.drop_path2(block.ls2(block.mlp(h))) + delta
         last_frame = self.backbone.norm(x).unflatten(0, (batch, frames))[:, -1]
         if self.frame_head is None:

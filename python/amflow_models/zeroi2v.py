@@ -1,11 +1,13 @@
 """ZeroI2V (Li et al., 2023), the zero-cost image-to-video baseline, on the same frozen timm ViT.
 
 - **Spatial-temporal dual-headed attention (STDHA)**: in every block, a few heads take their
-  keys and values from frame t + Δt instead of t (default: one head from t−1 and one from t+1
-  for every 12 heads, as for ViT-B). Frames whose t + Δt lies outside the clip keep their own.
-  No parameters, no extra FLOPs.
+  keys and values from frame t + Δt instead of t. The default is Table 11's for 8 frames: one
+  head from t−1 and one from t+1 per 8 heads (ViT-B, 12 heads: once; ViT-L, 16 heads: twice);
+  Table 11's settings for 16 and 32 frames add heads at ±2 and 3. Frames whose t + Δt lies
+  outside the clip keep their own. No parameters, no extra FLOPs.
 - **Linear adapters** ``x + s·(x W_down) W_up`` (no activation) in every adapted block: before
-  the qkv projection, after the attention projection, before fc1 and after fc2 of the MLP.
+  the qkv projection, after the attention projection, before fc1 and after fc2 of the MLP; the
+  bottleneck is a quarter of the token width by default (the paper's ratio 0.25).
 - The classifier reads the pooled features averaged over frames; it is trained (reset to
   ``num_classes`` if the backbone's has another width).
 
@@ -24,8 +26,8 @@ from .model import check_blocks, check_video
 
 
 def default_temporal_heads(num_heads: int) -> dict[int, int]:
-    """One head from t−1 and one from t+1 per 12 heads (ViT-B: heads 0 and 1), at least one each."""
-    per_side = max(1, num_heads // 12)
+    """One head from t−1 and one from t+1 per 8 heads, at least one each (ViT-B: heads 0 and 1)."""
+    per_side = max(1, num_heads // 8)
     if 2 * per_side > num_heads:
         raise ValueError(f"ZeroI2V needs at least 2 heads for STDHA, the backbone has {num_heads}")
     return {**dict.fromkeys(range(per_side), -1), **{per_side + h: 1 for h in range(per_side)}}
@@ -38,13 +40,13 @@ class ZeroI2V(nn.Module):
         backbone: a timm ViT (``create_backbone``); frozen here except its classifier.
         num_classes: video classes.
         temporal_heads: ``{head: Δt}`` for STDHA (default :func:`default_temporal_heads`).
-        adapter_dim: linear adapter bottleneck.
+        adapter_dim: linear adapter bottleneck (default: a quarter of the token width).
         adapter_blocks: 1-based blocks with linear adapters (default: all).
     """
 
     def __init__(
         self, backbone: nn.Module, num_classes: int, *, temporal_heads: dict[int, int] | None = None,
-        adapter_dim: int = 64, adapter_blocks=None,
+        adapter_dim: int | None = None, adapter_blocks=None,
     ):
         super().__init__()
         check_backbone(backbone)
@@ -59,6 +61,7 @@ class ZeroI2V(nn.Module):
         if bad:
             raise ValueError(f"temporal_heads must map heads in 0..{heads - 1} to Δt ≠ 0, got {bad}")
         self.adapter_blocks = check_blocks("adapter_blocks", adapter_blocks, len(backbone.blocks))
+        adapter_dim = adapter_dim or backbone.embed_dim // 4
         self.adapters = nn.ModuleDict()
         for number in self.adapter_blocks:
             block = backbone.blocks[number - 1]

@@ -8,7 +8,10 @@ Sampling (``num_frames`` indices out of a clip of ``total`` frames):
 Clips shorter than what is asked for loop.
 
 Training views: one random-resized crop shared by all frames, then a horizontal flip with
-probability ½ that also swaps mirrored labels (``flip_pairs``). Every random choice is drawn
+probability ½ that also swaps mirrored labels (``flip_pairs``), then optionally torchvision's
+RandAugment (``rand_augment``, e.g. ``m7-n4``: 4 ops at magnitude 7) and, on the normalised
+clip, RandomErasing (probability ``random_erasing``), each drawn once for the whole clip so
+that every frame gets the same ops and the same erased box. Every random choice is drawn
 from ``rng`` (a ``random.Random``; the ``random`` module itself by default), so a training item
 is a function of its index and its generator's seed (see ``loader.py``). Test views: the short side
 resized to ``image_size``, then ``num_crops`` crops (1: centre; 3: both ends and centre of the
@@ -28,6 +31,26 @@ from .annotations import VideoRecord
 from .video_io import read_clip
 
 SAMPLINGS = ("uniform", "dense")
+
+
+def parse_rand_augment(text: str) -> tuple[int, int]:
+    """``"m7-n4"`` (timm's notation) → ``(magnitude 7, num_ops 4)``."""
+    parts = {part[:1]: part[1:] for part in text.split("-")}
+    try:
+        magnitude, ops = int(parts.pop("m")), int(parts.pop("n"))
+    except (KeyError, ValueError):
+        raise ValueError(f"rand_augment must look like m7-n4 (magnitude 0..30, ops ≥ 1), got {text!r}") from None
+    if parts or not (0 <= magnitude <= 30 and ops >= 1):
+        raise ValueError(f"rand_augment must look like m7-n4 (magnitude 0..30, ops ≥ 1), got {text!r}")
+    return magnitude, ops
+
+
+def _seeded(transform, video: torch.Tensor, rng) -> torch.Tensor:
+    """A torchvision transform (which draws from torch's generator) with its draws seeded from
+    ``rng``, so that the item stays a function of its generator's seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.getrandbits(63))
+        return transform(video)
 
 
 def uniform_indices(total: int, num_frames: int, *, train: bool, shift: float = 0.5, rng=random) -> list[int]:
@@ -97,12 +120,15 @@ class VideoDataset(Dataset):
         num_clips, num_crops: test views (1 or 3 crops).
         scale: area range of the training crop.
         flip: horizontal flips in training; ``flip_pairs`` maps a label to its mirror.
+        rand_augment: ``"m7-n4"``-style RandAugment for training clips, or None.
+        random_erasing: probability of RandomErasing a training clip.
     """
 
     def __init__(
         self, records: list[VideoRecord], *, num_frames: int, image_size: int, mean, std, train: bool,
         sampling: str = "uniform", frame_interval: int = 1, num_clips: int = 1, num_crops: int = 1,
         scale: tuple[float, float] = (0.4, 1.0), flip: bool = True, flip_pairs: dict[int, int] | None = None,
+        rand_augment: str | None = None, random_erasing: float = 0.0,
     ):
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
@@ -117,6 +143,15 @@ class VideoDataset(Dataset):
         self.sampling, self.frame_interval = sampling, frame_interval
         self.num_clips, self.num_crops = num_clips, num_crops
         self.scale, self.flip, self.flip_pairs = scale, flip, dict(flip_pairs or {})
+        if not 0.0 <= random_erasing <= 1.0:
+            raise ValueError(f"random_erasing must be a probability in [0, 1], got {random_erasing}")
+        from torchvision.transforms import v2
+
+        self.rand_augment = None
+        if rand_augment:
+            magnitude, ops = parse_rand_augment(rand_augment)
+            self.rand_augment = v2.RandAugment(num_ops=ops, magnitude=magnitude)
+        self.random_erasing = v2.RandomErasing(p=random_erasing) if random_erasing else None
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -152,7 +187,12 @@ class VideoDataset(Dataset):
             video = random_resized_crop(video, self.image_size, self.scale, rng)
             if self.flip and rng.random() < 0.5:
                 video, label = video.flip(-1), self.flip_pairs.get(label, label)
-            return self._normalise(video), label
+            if self.rand_augment is not None:
+                video = _seeded(self.rand_augment, video.clamp_(0, 1), rng)
+            video = self._normalise(video)
+            if self.random_erasing is not None:
+                video = _seeded(self.random_erasing, video, rng)
+            return video, label
         views = []
         for clip in range(self.num_clips):
             video = self._to_float(read_clip(record.path, lambda total, c=clip: self._indices(total, c, rng)))

@@ -54,6 +54,8 @@ class DataConfig:
     skip_missing: bool = False
     flip: bool = True
     min_scale: float = 0.4
+    rand_augment: str | None = None
+    random_erasing: float = 0.0
 
     @classmethod
     def from_dict(cls, values: dict) -> DataConfig:
@@ -187,7 +189,7 @@ def make_loader(
         records, num_frames=data.num_frames, image_size=data.image_size,
         mean=data.mean, std=data.std, train=train, sampling=data.sampling, frame_interval=data.frame_interval,
         num_clips=num_clips, num_crops=num_crops, scale=(data.min_scale, 1.0), flip=data.flip,
-        flip_pairs=flip_label_pairs(classes),
+        flip_pairs=flip_label_pairs(classes), rand_augment=data.rand_augment, random_erasing=data.random_erasing,
     )
     if train:
         sampler = TrainSampler(len(clips), batch_size, world_size=world_size, rank=rank, seed=seed)
