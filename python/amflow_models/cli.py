@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .build import VARIANTS, ModelConfig, format_report, parameter_report
 from .distributed import DIST_BACKENDS
+from .presets import PRESETS
 from .tpm import TPM_KINDS
 
 
@@ -66,7 +67,8 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The ``amflow`` parser; ``train_defaults`` (a preset's) replace ``train``'s own defaults."""
     parser = argparse.ArgumentParser(prog="amflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed of the clips (default: %(default)s)")
 
     train = commands.add_parser("train", help="train a video model (checkpoints, metrics log)")
+    train.add_argument("--preset", choices=PRESETS,
+                       help="a paper's configuration as the defaults of the other flags, which still win when "
+                       "given; `amflow presets` lists them")
     train.add_argument("--train-list", required=True, help="annotation file of the training clips")
     train.add_argument("--val-list", required=True, help="annotation file of the validation clips")
     train.add_argument("--format", default="list", choices=["list", "kinetics", "ssv2"],
@@ -149,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "%(default)s)")
     train.add_argument("--val-crops", type=int, default=1, choices=[1, 3],
                        help="spatial crops per validation clip (default: %(default)s)")
+    train.add_argument("--select-by", default="top1", choices=["top1", "mean_class_accuracy"],
+                       help="the validation metric best.pt is chosen by (default: %(default)s)")
     train.add_argument("--resume", action="store_true",
                        help="continue from OUT/last.pt exactly where it stopped (after an epoch, or mid-epoch on "
                        "SIGTERM); same settings and global batch")
@@ -176,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"],
                            help="amflow_kernels backend inside the model (default: the checkpoint's)")
 
+    presets = commands.add_parser("presets", help="the papers' configurations for train --preset")
+    presets.add_argument("name", nargs="?", choices=PRESETS,
+                         help="one preset in full, with its model's parameter counts (default: list them all)")
+
     demo = commands.add_parser("demo", help="synthetic data → image model → 4 video models, compared")
     demo.add_argument("--out", default="amflow-demo",
                       help="folder for data, checkpoints and plots (default: %(default)s)")
@@ -189,7 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if train_defaults:
+        train.set_defaults(**train_defaults)
     return parser
+
+
+def model_config(args: argparse.Namespace, num_classes: int) -> ModelConfig:
+    """The ``ModelConfig`` of ``amflow train``'s parsed arguments."""
+    return ModelConfig(
+        num_classes=num_classes, backbone=args.backbone, pretrained=args.pretrained,
+        checkpoint_path=args.checkpoint_path, backbone_kwargs={"img_size": 224, **dict(args.backbone_arg)},
+        variant=args.variant, tpm=args.tpm, adapter_dim=args.adapter_dim, adapter_activation=args.adapter_activation,
+        adapter_blocks=args.adapter_blocks, flow_blocks=args.flow_blocks, tpm_blocks=args.tpm_blocks,
+        temporal_heads=args.temporal_heads, offset=args.offset, max_frames=max(32, args.num_frames),
+        aligner_dim=args.aligner_dim, aligner_depth=args.aligner_depth, backend=args.backend or "auto",
+    )
 
 
 def _train(args) -> None:
@@ -205,15 +230,7 @@ def _train(args) -> None:
         )
     _, classes = load_annotations(args.format, args.val_list, args.root, labels_file=args.labels_file,
                                   skip_missing=args.skip_missing)
-    config = ModelConfig(
-        num_classes=len(classes), backbone=args.backbone, pretrained=args.pretrained,
-        checkpoint_path=args.checkpoint_path, backbone_kwargs={"img_size": 224, **dict(args.backbone_arg)},
-        variant=args.variant,
-        tpm=args.tpm, adapter_dim=args.adapter_dim, adapter_activation=args.adapter_activation,
-        adapter_blocks=args.adapter_blocks, flow_blocks=args.flow_blocks, tpm_blocks=args.tpm_blocks,
-        temporal_heads=args.temporal_heads, offset=args.offset, max_frames=max(32, args.num_frames),
-        aligner_dim=args.aligner_dim, aligner_depth=args.aligner_depth, backend=args.backend or "auto",
-    )
+    config = model_config(args, len(classes))
     data = DataConfig(
         train_list=args.train_list, val_list=args.val_list, format=args.format, root=args.root,
         labels_file=args.labels_file, num_frames=args.num_frames, sampling=args.sampling,
@@ -223,7 +240,7 @@ def _train(args) -> None:
     )
     result = fit(config, data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                 val_views=(args.val_clips, args.val_crops), workers=args.workers,
+                 val_views=(args.val_clips, args.val_crops), select_by=args.select_by, workers=args.workers,
                  device=args.device,
                  dist_backend=args.dist_backend, compile=args.compile, resume=args.resume, seed=args.seed,
                  max_bad_clips=args.max_bad_clips, progress=not args.no_progress)
@@ -287,6 +304,25 @@ def _demo(args) -> None:
              seed=args.seed, progress=not args.no_progress)
 
 
+def _presets(args) -> None:
+    from .build import build_model
+    from .presets import describe
+
+    if args.name is None:
+        width = max(map(len, PRESETS))
+        for preset in PRESETS.values():
+            print(f"{preset.name:<{width}}  {preset.summary}")
+        print("amflow presets NAME: what the paper specifies, what this package chose, the parameter counts")
+        return
+    preset = PRESETS[args.name]
+    print(describe(preset))
+    parsed = build_parser(preset.defaults).parse_args(["train", "--train-list", "-", "--val-list", "-", "--out", "-"])
+    model = build_model(model_config(parsed, preset.num_classes))  # random weights: only the counts are wanted
+    print(f"parameters of the preset's model with {preset.num_classes} classes (the papers' sizes are not in "
+          "this package's sources):")
+    print(format_report(parameter_report(model)))
+
+
 def _synth(args) -> None:
     from .data.synthetic import generate_synthetic
 
@@ -309,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     from .preemption import Preempted
 
     args = build_parser().parse_args(argv)
-    handlers = {"synth": _synth, "train": _train, "eval": _eval, "visualize": _visualize, "demo": _demo}
+    if args.command == "train" and args.preset:
+        args = build_parser(PRESETS[args.preset].defaults).parse_args(argv)
+    handlers = {"synth": _synth, "train": _train, "eval": _eval, "visualize": _visualize, "demo": _demo,
+                "presets": _presets}
     try:
         handlers[args.command](args)
     except Preempted as stop:

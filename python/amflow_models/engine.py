@@ -138,7 +138,10 @@ def set_random_states(states: dict, device: torch.device) -> None:
 
 
 # what a resumed run must keep: the data order and the schedule depend on them (see _check_resumable)
-RUN_SETTINGS = ("global_batch", "train_clips", "lr", "weight_decay", "label_smoothing", "val_views", "seed")
+RUN_SETTINGS = ("global_batch", "train_clips", "lr", "weight_decay", "label_smoothing", "val_views", "select_by",
+                "seed")
+# the validation metrics best.pt can be chosen by
+SELECT_BY = ("top1", "mean_class_accuracy")
 # where the data lives may change between a run and its resumption (another node's scratch disk)
 DATA_LOCATIONS = {"train_list", "val_list", "root", "labels_file"}
 
@@ -176,14 +179,16 @@ def _normalised(value):
 def fit(
     model_config: ModelConfig, data: DataConfig, out_dir: str | Path, *, epochs: int = 10, batch_size: int = 8,
     lr: float = 1e-3, weight_decay: float = 0.05, workers: int = 2, device: str | None = None,
-    label_smoothing: float = 0.0, val_views: tuple[int, int] = (1, 1), dist_backend: str = "auto",
+    label_smoothing: float = 0.0, val_views: tuple[int, int] = (1, 1), select_by: str = "top1",
+    dist_backend: str = "auto",
     compile: bool = False, resume: bool = False, seed: int = 0, max_bad_clips: int = 10, progress: bool = True,
     log=print,
 ) -> dict:
     """Train ``model_config`` on ``data`` (AdamW, cosine schedule with one warm-up epoch,
     cross-entropy with ``label_smoothing``), evaluate after every epoch on ``val_views``
     (temporal clips, spatial crops: the evaluation protocol's, for a ``best.pt`` chosen by it),
-    keep ``last.pt`` and ``best.pt`` (by val top-1) in ``out_dir``.
+    keep ``last.pt`` and ``best.pt`` (by ``select_by``: ``top1`` or ``mean_class_accuracy``) in
+    ``out_dir``.
 
     Under torchrun every process calls this and trains a ``DistributedDataParallel`` replica:
     ``batch_size`` is per process, a step takes world size × ``batch_size`` clips, and nothing
@@ -205,17 +210,21 @@ def fit(
         raise ValueError(f"max_bad_clips must be ≥ 0, got {max_bad_clips}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if select_by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
     # SIGTERM caught from the start: one during setup stops the run after its first step
     with StopRequest() as stop, session(device, dist_backend) as runtime:
         return _fit(runtime, stop, model_config, data, Path(out_dir), epochs=epochs, batch_size=batch_size, lr=lr,
                     weight_decay=weight_decay, label_smoothing=label_smoothing, val_views=tuple(val_views),
+                    select_by=select_by,
                     workers=workers, compile=compile, resume=resume, seed=seed,
                     max_bad_clips=max_bad_clips, progress=progress and runtime.is_main,
                     log=log if runtime.is_main else lambda *_: None)
 
 
 def _fit(runtime: Runtime, stop: StopRequest, model_config, data, out_dir, *, epochs, batch_size, lr, weight_decay,
-         label_smoothing, val_views, workers, compile, resume, seed, max_bad_clips, progress, log) -> dict:
+         label_smoothing, val_views, select_by, workers, compile, resume, seed, max_bad_clips, progress,
+         log) -> dict:
     device, world_size = runtime.device, runtime.world_size
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +250,7 @@ def _fit(runtime: Runtime, stop: StopRequest, model_config, data, out_dir, *, ep
     )
     run = {"world_size": world_size, "batch_size": batch_size, "global_batch": world_size * batch_size,
            "train_clips": len(train_loader.dataset), "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
-           "label_smoothing": label_smoothing, "val_views": list(val_views), "seed": seed}
+           "label_smoothing": label_smoothing, "val_views": list(val_views), "select_by": select_by, "seed": seed}
     start_epoch, start_step, history, best, bad_clips = 0, 0, [], None, {}
     loss_sum, seen = 0.0, 0  # this process's running training loss in the epoch
     last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
@@ -322,7 +331,7 @@ def _fit(runtime: Runtime, stop: StopRequest, model_config, data, out_dir, *, ep
                    **evaluate(compiled, val_loader, runtime)}
         loss_sum, seen = 0.0, 0
         history.append({k: v for k, v in metrics.items() if k not in ("confusion", "unscorable")})
-        improved = best is None or metrics["top1"] > best["top1"]
+        improved = best is None or metrics[select_by] > best[select_by]
         best = history[-1] if improved else best
         if runtime.is_main:  # the log first: a resumed run cuts it back to its checkpoint's epochs
             with metrics_path.open("a") as handle:
