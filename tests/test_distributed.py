@@ -38,7 +38,7 @@ for _module in ("av", "tqdm"):
     pytest.importorskip(_module, reason=f"training reads videos and shows progress with {_module}, a dependency "
                                         "of `pip install .` that this environment lacks")
 if not (dist.is_available() and dist.is_gloo_available()):
-    pytest.skip("torch.distributed with gloo is needed for the CPU runs", allow_module_level=True)
+    pytest.skip(reason="torch.distributed with gloo is needed for the CPU runs", allow_module_level=True)
 
 TINY = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--variant", "vanilla", "--tpm", "lstm",
         "--adapter-dim", "8", "--num-frames", "4", "--workers", "0", "--no-progress", "--backend", "reference",

@@ -247,7 +247,7 @@ def test_zeroi2v_config_heads_and_quarter_width_bottleneck():
 @pytest.mark.parametrize("flow", ["vanilla", "aligned"])
 def test_bf16_autocast_on_gpu_matches_the_reference_kernels(flow):
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device: the model's bf16 path runs the triton/cuda kernels")
+        pytest.skip(reason="needs a CUDA device: the model's bf16 path runs the triton/cuda kernels")
     model = AMFlowVideoModel(tiny_backbone(), 4, flow=flow, adapter_dim=8, aligner_dim=24).cuda()
     randomise_adapters(model, std=0.05)
     video = torch.randn(2, 4, 3, 32, 32, device="cuda")

@@ -161,7 +161,7 @@ def _check_resumable(checkpoint: dict, path: Path, model_config: ModelConfig, da
         ignored = {"backend"} if what == "model" else DATA_LOCATIONS
         keys = RUN_SETTINGS if what == "run" else sorted((set(saved) | set(now)) - ignored)
         problems += [f"{what} {key}: {saved.get(key)!r} in the checkpoint, {now.get(key)!r} now"
-                     for key in keys if _normalised(saved.get(key)) != _normalised(now.get(key))]
+                     for key in keys if saved.get(key) != now.get(key)]
     if problems:
         saved = checkpoint["run"]
         raise ValueError(
@@ -170,10 +170,6 @@ def _check_resumable(checkpoint: dict, path: Path, model_config: ModelConfig, da
             f"--lr {saved['lr']}, --weight-decay {saved['weight_decay']}, --seed {saved['seed']}), or train into "
             "another --out"
         )
-
-
-def _normalised(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 def fit(
