@@ -63,3 +63,6 @@ def test_presets_command_lists_and_describes(capsys):
     text = capsys.readouterr().out
     assert "the paper specifies: --variant zeroi2v --lr 0.0003 --batch-size 64" in text
     assert "--temporal-heads 1,-1,2,-2" in text and "this package chose" in text and "trainable" in text
+    assert "--val-clips 1 --val-crops 3" in text and "86 M parameters (CLIP ViT-B/16), 0 M added at inference" in text
+    assert main(["presets", "amflow-k400"]) == 0
+    assert "model size the paper's authors report: not in the texts" in capsys.readouterr().out
