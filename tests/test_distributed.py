@@ -96,7 +96,8 @@ def _assert_close_run(out: Path, reference: Path) -> None:
 def runs(tmp_path_factory):
     """The synthetic set, and the reference run: 2 processes × 3 clips, 3 epochs."""
     root = tmp_path_factory.mktemp("distributed")
-    data = generate_synthetic(root / "data", train_per_class=4, val_per_class=2, num_frames=6, size=32)
+    data = generate_synthetic(root / "data", train_per_class=4, val_per_class=2, num_frames=6, size=32,
+                              image_train=0, image_val=0)
     began = time.perf_counter()
     output = _run(root, "train", *_data(data), *TINY, "--batch-size", "3", "--epochs", str(EPOCHS),
                   "--out", str(root / "reference"))

@@ -12,8 +12,10 @@ import torch
 from amflow_models.cli import build_parser, main
 from amflow_models.data.annotations import VideoRecord, flip_label_pairs, load_annotations
 from amflow_models.data.dataset import VideoDataset, dense_indices, uniform_indices
-from amflow_models.data.synthetic import CLASSES, generate_synthetic, render_clip
+from amflow_models.data.synthetic import CAMERAS, TASKS, generate_synthetic, render_clip
 from amflow_models.data.video_io import read_clip, write_video
+from amflow_models.demo import run_demo, summarise, summarise_runs, variant_config
+from amflow_models.visualize import overlay_flow
 
 # `pip install .` brings these; an environment set up without the package's dependencies (say a
 # GPU machine given the project with --no-deps) skips this module rather than failing in it.
@@ -25,20 +27,21 @@ for _module in ("av", "PIL", "tqdm", "matplotlib"):
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     return generate_synthetic(tmp_path_factory.mktemp("synthetic"), train_per_class=2, val_per_class=1,
-                              num_frames=6, size=32)
+                              num_frames=6, size=32, image_train=8, image_val=4)
 
 
 def test_synthetic_clips_are_deterministic_and_read_back_close_to_rendered(synthetic):
-    again = generate_synthetic(synthetic.parent / "again", train_per_class=2, val_per_class=1, num_frames=6, size=32)
+    again = generate_synthetic(synthetic.parent / "again", train_per_class=2, val_per_class=1, num_frames=6, size=32,
+                               image_train=8, image_val=4)
     assert (again / "train.txt").read_text() == (synthetic / "train.txt").read_text()
     for split in ("train", "val"):  # the H.264 bitstream may differ; the decoded frames may not
         for video in sorted((synthetic / "videos" / split).iterdir()):
             again_clip = read_clip(again / "videos" / split / video.name, range)  # every frame
             assert torch.equal(read_clip(video, range), again_clip)
-    rendered, _ = render_clip(0, np.random.default_rng([0, 0, 0]), num_frames=6, size=32, camera_motion=True)
+    rendered, _ = render_clip(0, np.random.default_rng([0, 0, 0]), num_frames=6, size=32)
     decoded = read_clip(synthetic / "videos/train/00000.mp4", range)
     assert decoded.shape == (6, 32, 32, 3) and decoded.dtype == torch.uint8
-    other, _ = render_clip(1, np.random.default_rng([0, 0, 1]), num_frames=6, size=32, camera_motion=True)
+    other, _ = render_clip(1, np.random.default_rng([0, 0, 1]), num_frames=6, size=32)
     error = (decoded.float() - torch.from_numpy(rendered).float()).abs().mean()
     unrelated = (decoded.float() - torch.from_numpy(other).float()).abs().mean()
     # lossless H.264 of 4:2:0 chroma on 32-pixel frames: a few of 255; another clip: ~40
@@ -46,19 +49,50 @@ def test_synthetic_clips_are_deterministic_and_read_back_close_to_rendered(synth
     records, classes = load_annotations(
         "list", synthetic / "train.txt", synthetic, labels_file=synthetic / "classes.txt"
     )
-    assert classes == list(CLASSES) and len(records) == 2 * len(CLASSES)
-    assert sorted(r.label for r in records) == sorted(list(range(len(CLASSES))) * 2)
+    assert classes == list(TASKS["which"]) and len(records) == 2 * len(classes)
+    assert sorted(r.label for r in records) == sorted(list(range(len(classes))) * 2)
 
 
-def test_single_frames_do_not_tell_the_class():
-    """Every frame's statistics are the same whatever the class: only motion separates them."""
-    means = []
-    for label in range(len(CLASSES)):
-        frames = [render_clip(label, np.random.default_rng([9, label, i]), num_frames=4, size=32,
-                              camera_motion=True)[1] for i in range(200)]
-        means.append(np.concatenate(frames).mean(0))  # mean shape centre over frames and clips
-    spread = np.ptp(np.stack(means), axis=0)
-    assert (spread < 2.5).all(), f"shape position depends on the class: {means}"
+@pytest.mark.parametrize("camera", CAMERAS)
+@pytest.mark.parametrize("task", TASKS)
+def test_single_frames_do_not_tell_the_class(task, camera):
+    """Every frame's statistics are the same whatever the class: only motion separates them.
+    Measured on the mean colour of a frame and on where the L (the frame label's cell) is."""
+    colours, cells = [], []
+    for label in range(len(TASKS[task])):
+        clips = [render_clip(label, np.random.default_rng([9, label, i]), num_frames=4, size=32, task=task,
+                             camera=camera) for i in range(150)]
+        colours.append(np.mean([frames.mean(axis=(0, 1, 2)) for frames, _ in clips], axis=0))
+        cell = np.concatenate([labels for _, labels in clips])
+        cells.append([np.mean(cell // 3), np.mean(cell % 3)])  # mean row and column of the labelled cell
+    assert (np.ptp(np.stack(colours), axis=0) < 4).all(), f"frame colour depends on the class: {colours}"
+    assert (np.ptp(np.stack(cells), axis=0) < 0.3).all(), f"where the L is depends on the class: {cells}"
+
+
+def test_which_task_moves_one_shape_and_the_panning_camera_moves_the_scene():
+    """Static camera: between the first and last frames only the moving shape's pixels change
+    (a few percent of the frame); the shape that moves is the class's. Panning: most pixels do."""
+    size = 48
+    for label, mover in ((0, 0), (2, 1), (5, 2)):  # L slides, T slides, U turns
+        frames, _ = render_clip(label, np.random.default_rng([3, label]), num_frames=8, size=size)
+        change = np.abs(frames[-1].astype(int) - frames[0].astype(int)).max(-1) > 60
+        assert 0.005 < change.mean() < 0.15, f"class {label}: {change.mean():.3f} of the pixels changed"
+        # the changed pixels have the mover's saturated channel (L red, T green, U blue) in frame 0 or the last
+        changed = np.concatenate([frames[0][change], frames[-1][change]]).astype(int)
+        dominant = np.bincount(changed.argmax(-1), minlength=3)
+        assert dominant.argmax() == mover, f"class {label}: the changed pixels' dominant channels {dominant}"
+        panned, _ = render_clip(label, np.random.default_rng([3, label]), num_frames=8, size=size, camera="panning")
+        moved = np.abs(panned[-1].astype(int) - panned[0].astype(int)).max(-1) > 30
+        assert moved.mean() > 0.3, f"class {label}: a panning camera changed only {moved.mean():.3f} of the pixels"
+
+
+def test_synthetic_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"camera one of static, panning.*camera='tilting'"):
+        generate_synthetic(tmp_path, camera="tilting")
+    with pytest.raises(ValueError, match=r"task must be one of which, direction.*task='colour'"):
+        render_clip(0, np.random.default_rng(0), num_frames=4, size=32, task="colour")
+    with pytest.raises(ValueError, match=r"label must be in 0\.\.5"):
+        render_clip(6, np.random.default_rng(0), num_frames=4, size=32)
 
 
 def test_video_dataset_train_and_test_views(synthetic):
@@ -99,7 +133,8 @@ def test_rand_augment_and_random_erasing_treat_every_frame_alike(tmp_path):
 def test_flip_swaps_mirrored_labels():
     classes = ["Pushing something from left to right", "Pushing something from right to left", "Tearing something"]
     assert flip_label_pairs(classes) == {0: 1, 1: 0}
-    assert flip_label_pairs(list(CLASSES)) == {0: 1, 1: 0, 4: 5, 5: 4}
+    assert flip_label_pairs(list(TASKS["direction"])) == {0: 1, 1: 0, 4: 5, 5: 4}
+    assert flip_label_pairs(list(TASKS["which"])) == {}
 
 
 def test_sampling():
@@ -198,11 +233,50 @@ def test_cli_train_eval_visualize_round_trip(synthetic, tmp_path, capsys):
     assert main(["eval", str(out / "best.pt"), "--clips", "2", "--crops", "3", "--workers", "0", "--no-progress",
                  "--backend", "reference", "--json", str(metrics)]) == 0
     result = json.loads(metrics.read_text())
-    assert result["clips"] == len(CLASSES) and len(result["confusion"]) == len(CLASSES)
+    classes = len(TASKS["which"])
+    assert result["clips"] == classes and len(result["confusion"]) == classes
     assert "confusion matrix" in capsys.readouterr().out
     png = tmp_path / "flow.png"
     assert main(["visualize", str(out / "best.pt"), str(synthetic / "videos/val/00000.mp4"), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from amflow_models.engine import load_checkpoint  # needs tqdm, checked above
+
+    model, _ = load_checkpoint(out / "best.pt")
+    clips = [(f"clip {i}", read_clip(synthetic / f"videos/val/0000{i}.mp4", range)) for i in range(2)]
+    overlay = overlay_flow(model, clips, tmp_path / "overlay.png", image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
+                           blocks=[2])
+    assert overlay.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match=r"blocks \[3\] have no AM flow; the model's flow blocks are \(1, 2\)"):
+        overlay_flow(model, clips, tmp_path / "bad.png", image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, blocks=[3])
+
+
+def test_demo_summary_is_mean_and_sample_std_over_seeds():
+    """Three seeds' runs → mean and sample standard deviation, per metric and per epoch."""
+    runs = {"static": {"vanilla": [
+        {"best_top1": 0.5, "best_top5": 1.0, "final_top1": 0.4, "val_top1_per_epoch": [0.2, 0.5]},
+        {"best_top1": 0.7, "best_top5": 1.0, "final_top1": 0.7, "val_top1_per_epoch": [0.3, 0.7]},
+        {"best_top1": 0.9, "best_top5": 1.0, "final_top1": 0.7, "val_top1_per_epoch": [0.4, 0.9]},
+    ]}}
+    row = summarise_runs(runs)["static"]["vanilla"]
+    assert row["best_top1"] == pytest.approx({"mean": 0.7, "std": 0.2, "n": 3})  # sqrt((0.04 + 0 + 0.04) / 2)
+    assert row["final_top1"] == pytest.approx({"mean": 0.6, "std": 0.3 / 3 ** 0.5, "n": 3})
+    assert row["best_top5"] == {"mean": 1.0, "std": 0.0, "n": 3}
+    assert [epoch["mean"] for epoch in row["val_top1_per_epoch"]] == pytest.approx([0.3, 0.7])
+    assert [epoch["std"] for epoch in row["val_top1_per_epoch"]] == pytest.approx([0.1, 0.2])
+    assert summarise([0.25]) == {"mean": 0.25, "std": 0.0, "n": 1}
+
+
+def test_demo_options_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--variants", "vanilla,optical-flow"])
+    assert "expected comma-separated names of none, vanilla" in capsys.readouterr().err
+    args = build_parser().parse_args(["demo", "--cameras", "panning", "--variants", "none, flow-only", "--seeds", "3"])
+    assert (args.cameras, args.variants, args.seeds) == (["panning"], ["none", "flow-only"], 3)
+    with pytest.raises(ValueError, match=r"seeds ≥ 1.*seeds=0"):
+        run_demo(tmp_path, seeds=0)
+    assert variant_config("flow-only", "panning", "clip") == {"variant": "aligned", "flow_only": True,
+                                                                "flow_norm": "clip"}
+    assert variant_config("vanilla-raw", "static", "clip") == {"variant": "vanilla", "flow_norm": "none"}
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):

@@ -61,6 +61,53 @@ def test_am_flow_model_shapes_and_gradients(flow, tpm):
     assert not model.backbone.training, "train() must keep the frozen backbone in eval mode"
 
 
+@pytest.mark.parametrize("flow", ["vanilla", "aligned"])
+def test_flow_only_model_reads_the_flow_alone(flow):
+    """The diagnostic: MHSA adapters on the flow alone, no MLP adapters, no frame head; its logits
+    are the mean of one TPM per block, and a video's content reaches them only through the flow."""
+    model = AMFlowVideoModel(tiny_backbone(), 5, flow=flow, flow_only=True, adapter_dim=8, aligner_dim=24)
+    features = model.flows["1"].features
+    assert all(set(parts) == {"attn"} for parts in model.adapters.values()) and model.frame_head is None
+    assert all(parts["attn"].down.in_features == features for parts in model.adapters.values())
+    assert all(set(parts) == {"attn"} for parts in model.tpms.values())
+    video = torch.randn(2, 4, 3, 32, 32)
+    logits = model(video)
+    tpm_logits = []
+    hooks = [tpm["attn"].register_forward_hook(lambda m, a, out: tpm_logits.append(out)) for tpm in model.tpms.values()]
+    model(video)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(logits, torch.stack(tpm_logits).mean(0), rtol=0, atol=0)
+    # a still clip has zero vanilla flow however bright it is: the logits cannot tell two still clips apart
+    if flow == "vanilla":
+        still = torch.randn(1, 1, 3, 32, 32).expand(2, 4, 3, 32, 32).clone()
+        brighter = still + torch.tensor([0.0, 1.0]).view(2, 1, 1, 1, 1)
+        logits = model(brighter)
+        torch.testing.assert_close(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("flow", ["vanilla", "aligned"])
+def test_clip_norm_standardises_each_channel_over_a_clip(flow):
+    """flow_norm="clip" is ``(f − mean) / (std + 1e-6)`` of the papers' flow f, per clip and
+    channel over its tokens and frame pairs; the last frame, which has no successor, stays 0.
+    The papers' vanilla flow sums to N over the tokens."""
+    flows = {}
+    for norm in ("none", "clip"):
+        torch.manual_seed(0)
+        model = AMFlowVideoModel(tiny_backbone(), 5, flow=flow, flow_norm=norm, adapter_dim=8, aligner_dim=24)
+        torch.manual_seed(1)
+        flows[norm] = model(torch.randn(3, 5, 3, 32, 32), return_flows=True)[1]
+    for block, raw in flows["none"].items():
+        pairs = raw[:, :-1].double()
+        mean, std = pairs.mean(dim=(1, 2), keepdim=True), pairs.std(dim=(1, 2), keepdim=True, correction=0)
+        torch.testing.assert_close(flows["clip"][block][:, :-1].double(), (pairs - mean) / (std + 1e-6),
+                                   rtol=1e-4, atol=1e-4)
+        assert (flows["clip"][block][:, -1] == 0).all() and std.min() > 1e-4, "the check needs a flow that varies"
+        if flow == "vanilla":
+            tokens = raw.shape[2]
+            torch.testing.assert_close(raw[:, :-1].sum(2), torch.full_like(raw[:, :-1, 0], float(tokens)))
+
+
 def test_float64_model_runs_the_fused_cpu_kernels():
     model = AMFlowVideoModel(tiny_backbone(), 3, flow="aligned", adapter_dim=8, aligner_dim=24).double()
     logits = model(torch.randn(1, 3, 3, 32, 32, dtype=torch.float64))
@@ -275,6 +322,11 @@ def test_bf16_autocast_on_gpu_matches_the_reference_kernels(flow):
         (lambda: create_backbone("resnet18"), "is not a timm VisionTransformer"),
         (lambda: build_model(ModelConfig(num_classes=3, variant="video")), "variant must be one of"),
         (lambda: ModelConfig.from_dict({"num_classes": 3, "colour": 1}), r"unknown fields \['colour'\]"),
+        (lambda: AMFlowVideoModel(tiny_backbone(), 4, flow="none", flow_only=True), "flow_only needs AM flow"),
+        (lambda: AMFlowVideoModel(tiny_backbone(), 4, flow_blocks=[1], flow_only=True), "flow_only needs AM flow"),
+        (lambda: AMFlowVideoModel(tiny_backbone(), 4, flow_norm="batch"), "flow_norm must be one of none, clip"),
+        (lambda: build_model(ModelConfig(num_classes=3, backbone="vit_tiny_patch16_224", backbone_kwargs=TINY,
+                                         variant="zeroi2v", flow_only=True)), "zeroi2v' has no AM flow"),
     ],
 )
 def test_bad_configurations(build, match):

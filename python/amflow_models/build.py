@@ -26,7 +26,9 @@ class ModelConfig:
     ``adapter_dim`` defaults to 64 for the AM flow variants (the papers give no width) and to a
     quarter of the token width for ZeroI2V (its ratio 0.25). ``temporal_heads`` (ZeroI2V only)
     lists STDHA's frame offsets, head 0 first, e.g. ``[-1, 1]`` or, for 32 frames,
-    ``[-1, 1, -2, 2, 3]``; default: ``zeroi2v.default_temporal_heads``."""
+    ``[-1, 1, -2, 2, 3]``; default: ``zeroi2v.default_temporal_heads``. ``flow_only`` builds the
+    flow-only diagnostic of ``model.py`` (vanilla or aligned); ``flow_norm`` is ``"none"`` (the
+    papers) or ``"clip"`` (``flow.py``)."""
 
     num_classes: int
     backbone: str = "vit_base_patch14_dinov2.lvd142m"
@@ -45,6 +47,8 @@ class ModelConfig:
     max_frames: int = 32
     aligner_dim: int = 96
     aligner_depth: int = 1
+    flow_only: bool = False
+    flow_norm: str = "none"
     backend: str = "auto"
 
     @classmethod
@@ -69,6 +73,8 @@ def build_model(config: ModelConfig) -> nn.Module:
         **config.backbone_kwargs,
     )
     if config.variant == "zeroi2v":
+        if config.flow_only:
+            raise ValueError("flow_only is an AM flow diagnostic; variant 'zeroi2v' has no AM flow")
         heads = dict(enumerate(config.temporal_heads)) if config.temporal_heads is not None else None
         return ZeroI2V(backbone, config.num_classes, temporal_heads=heads, adapter_dim=config.adapter_dim,
                        adapter_blocks=config.adapter_blocks)
@@ -79,7 +85,7 @@ def build_model(config: ModelConfig) -> nn.Module:
         adapter_blocks=config.adapter_blocks, tpm_blocks=config.tpm_blocks, tpm=config.tpm,
         adapter_dim=config.adapter_dim or 64, adapter_activation=config.adapter_activation, offset=config.offset,
         max_frames=config.max_frames, aligner_dim=config.aligner_dim, aligner_depth=config.aligner_depth,
-        backend=config.backend,
+        flow_only=config.flow_only, flow_norm=config.flow_norm, backend=config.backend,
     )
 
 

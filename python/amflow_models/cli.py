@@ -14,7 +14,11 @@ import sys
 from pathlib import Path
 
 from .build import VARIANTS, ModelConfig, format_report, parameter_report
+from .data.synthetic import CAMERAS, TASKS
+from .demo import DEFAULT_VARIANTS
+from .demo import VARIANTS as DEMO_VARIANTS
 from .distributed import DIST_BACKENDS
+from .flow import FLOW_NORMS
 from .presets import PRESETS
 from .tpm import TPM_KINDS
 
@@ -26,6 +30,17 @@ def _integers(example: str):
             return [int(b) for b in text.split(",") if b.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected integers like {example}, got {text!r}") from None
+    return parse
+
+
+def _names(known):
+    """An argparse type: comma-separated names, each one of ``known``."""
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"expected comma-separated names of {', '.join(known)}, got {text!r}")
+        return names
     return parse
 
 
@@ -78,9 +93,13 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                        help="training clips per class (default: %(default)s)")
     synth.add_argument("--val-per-class", type=int, default=30,
                        help="validation clips per class (default: %(default)s)")
-    synth.add_argument("--size", type=int, default=32, help="frame height and width in pixels (default: %(default)s)")
+    synth.add_argument("--size", type=int, default=48, help="frame height and width in pixels (default: %(default)s)")
     synth.add_argument("--frames", type=int, default=8, help="frames per clip (default: %(default)s)")
-    synth.add_argument("--no-camera-motion", action="store_true", help="a still camera (default: a panning one)")
+    synth.add_argument("--task", default="which", choices=list(TASKS),
+                       help="which: which of three shapes moves and how; direction: how one shape moves "
+                            "(default: %(default)s)")
+    synth.add_argument("--camera", default="static", choices=list(CAMERAS),
+                       help="a still camera, or one panning over the scene (default: %(default)s)")
     synth.add_argument("--seed", type=int, default=0, help="random seed of the clips (default: %(default)s)")
 
     train = commands.add_parser("train", help="train a video model (checkpoints, metrics log)")
@@ -142,6 +161,11 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     train.add_argument("--aligner-dim", type=int, default=96,
                        help="aligning encoder width, aligned variant (default: %(default)s)")
     train.add_argument("--aligner-depth", type=int, default=1, help="aligning encoder layers (default: %(default)s)")
+    train.add_argument("--flow-norm", default="none", choices=list(FLOW_NORMS),
+                       help="AM flow as the adapters get it: none = the papers' scale, clip = each channel "
+                            "standardised per clip (default: %(default)s)")
+    train.add_argument("--flow-only", action="store_true",
+                       help="diagnostic: the MHSA adapters read the AM flow alone, logits from their TPMs only")
     train.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
     train.add_argument("--lr", type=float, default=1e-3,
                        help="AdamW peak learning rate, cosine schedule (default: %(default)s)")
@@ -187,18 +211,33 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     presets.add_argument("name", nargs="?", choices=PRESETS,
                          help="one preset in full, with its model's parameter counts (default: list them all)")
 
-    demo = commands.add_parser("demo", help="synthetic data → image model → 4 video models, compared")
+    demo = commands.add_parser("demo", help="synthetic data → image model → video models, compared over seeds "
+                                            "in both camera settings")
     demo.add_argument("--out", default="amflow-demo",
                       help="folder for data, checkpoints and plots (default: %(default)s)")
-    demo.add_argument("--epochs", type=int, default=10, help="epochs of each video model (default: %(default)s)")
-    demo.add_argument("--image-epochs", type=int, default=12, help="epochs of the image model (default: %(default)s)")
-    demo.add_argument("--train-per-class", type=int, default=100,
+    demo.add_argument("--seeds", type=int, default=1,
+                      help="seeds 0..N-1, each a new dataset, image model and initialisation; the table gives "
+                           "mean ± std over them (default: %(default)s)")
+    demo.add_argument("--cameras", type=_names(CAMERAS), default=list(CAMERAS),
+                      help=f"camera settings, comma-separated, of {', '.join(CAMERAS)} (default: both)")
+    demo.add_argument("--variants", type=_names(DEMO_VARIANTS), default=list(DEFAULT_VARIANTS),
+                      help=f"variants, comma-separated, of {', '.join(DEMO_VARIANTS)} "
+                           f"(default: {','.join(DEFAULT_VARIANTS)})")
+    demo.add_argument("--task", default="which", choices=list(TASKS),
+                      help="which: which shape moves and how; direction: how one shape moves (default: %(default)s)")
+    demo.add_argument("--epochs", type=int, default=8, help="epochs of each video model (default: %(default)s)")
+    demo.add_argument("--lr", type=float, default=1e-2,
+                      help="learning rate of every video model (default: %(default)s)")
+    demo.add_argument("--flow-norm", default="clip", choices=list(FLOW_NORMS),
+                      help="AM flow as the adapters get it: clip = standardised per clip, none = the papers' scale "
+                           "(default: %(default)s)")
+    demo.add_argument("--image-epochs", type=int, default=10, help="epochs of the image model (default: %(default)s)")
+    demo.add_argument("--train-per-class", type=int, default=60,
                       help="training clips per class (default: %(default)s)")
-    demo.add_argument("--val-per-class", type=int, default=30, help="validation clips per class (default: %(default)s)")
+    demo.add_argument("--val-per-class", type=int, default=20, help="validation clips per class (default: %(default)s)")
     demo.add_argument("--tpm", default="lstm", choices=TPM_KINDS,
                       help="temporal processing module (default: %(default)s)")
     demo.add_argument("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     if train_defaults:
         train.set_defaults(**train_defaults)
@@ -213,7 +252,8 @@ def model_config(args: argparse.Namespace, num_classes: int) -> ModelConfig:
         variant=args.variant, tpm=args.tpm, adapter_dim=args.adapter_dim, adapter_activation=args.adapter_activation,
         adapter_blocks=args.adapter_blocks, flow_blocks=args.flow_blocks, tpm_blocks=args.tpm_blocks,
         temporal_heads=args.temporal_heads, offset=args.offset, max_frames=max(32, args.num_frames),
-        aligner_dim=args.aligner_dim, aligner_depth=args.aligner_depth, backend=args.backend or "auto",
+        aligner_dim=args.aligner_dim, aligner_depth=args.aligner_depth, flow_norm=args.flow_norm,
+        flow_only=args.flow_only, backend=args.backend or "auto",
     )
 
 
@@ -299,9 +339,10 @@ def _visualize(args) -> None:
 def _demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
-             image_epochs=args.image_epochs, epochs=args.epochs, tpm=args.tpm, workers=args.workers,
-             seed=args.seed, progress=not args.no_progress)
+    run_demo(args.out, seeds=args.seeds, cameras=args.cameras, variants=args.variants, task=args.task,
+             train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+             image_epochs=args.image_epochs, epochs=args.epochs, lr=args.lr, flow_norm=args.flow_norm, tpm=args.tpm,
+             workers=args.workers, progress=not args.no_progress)
 
 
 def _presets(args) -> None:
@@ -318,8 +359,7 @@ def _presets(args) -> None:
     print(describe(preset))
     parsed = build_parser(preset.defaults).parse_args(["train", "--train-list", "-", "--val-list", "-", "--out", "-"])
     model = build_model(model_config(parsed, preset.num_classes))  # random weights: only the counts are wanted
-    print(f"parameters of the preset's model with {preset.num_classes} classes (the papers' sizes are not in "
-          "this package's sources):")
+    print(f"parameters of the preset's model with {preset.num_classes} classes (beside the reported size above):")
     print(format_report(parameter_report(model)))
 
 
@@ -327,7 +367,7 @@ def _synth(args) -> None:
     from .data.synthetic import generate_synthetic
 
     root = generate_synthetic(args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
-                              num_frames=args.frames, size=args.size, camera_motion=not args.no_camera_motion,
+                              num_frames=args.frames, size=args.size, task=args.task, camera=args.camera,
                               seed=args.seed)
     print(f"wrote the synthetic motion dataset to {root} (train.txt, val.txt, classes.txt)")
 

@@ -4,6 +4,16 @@ Both modules map the block's q, k ``(B·T, H, N, D)`` (frames of a clip consecut
 features ``(B·T, N, F)`` for every frame t: the flow between frames t and t+Δ. The last Δ
 frames of a clip have no successor; their flow is zero (documented, and what the adapter
 learns to read as "no information").
+
+``norm`` chooses what enters the adapter beside LN(X) (eq. 6):
+
+- ``"none"``: the flow as the papers define it. A vanilla flow row sums to N, so its values sit
+  around 1, and how far they stray depends on how sharp the backbone's attention is: on the
+  demo's small image model their spread over tokens is 0.01–0.2, beside LN(X) channels of
+  spread 1, so the adapter barely sees them.
+- ``"clip"`` (not in the papers): each channel standardised over the clip's tokens and frame
+  pairs, ``(f − mean) / (std + 1e-6)``: the same pattern of where the motion is, at the scale
+  of LN(X), whatever the backbone. A clip's overall amount of motion is what it loses.
 """
 
 from __future__ import annotations
@@ -13,6 +23,23 @@ from torch import nn
 
 import amflow_kernels
 from amflow_kernels.nn import AligningEncoder, FusedOpModule
+
+FLOW_NORMS = ("none", "clip")
+
+
+def _normalise(flow: torch.Tensor, norm: str) -> torch.Tensor:
+    """``(B, T−Δ, N, F)`` flow, standardised per clip and channel for ``norm="clip"``."""
+    if norm == "none":
+        return flow
+    mean = flow.mean(dim=(1, 2), keepdim=True)
+    std = flow.std(dim=(1, 2), keepdim=True, correction=0)
+    return (flow - mean) / (std + 1e-6)
+
+
+def check_norm(norm: str) -> str:
+    if norm not in FLOW_NORMS:
+        raise ValueError(f"flow_norm must be one of {', '.join(FLOW_NORMS)}, got {norm!r}")
+    return norm
 
 
 def _pad_last_frames(flow: torch.Tensor, offset: int) -> torch.Tensor:
@@ -26,15 +53,15 @@ class VanillaFlow(FusedOpModule):
     """Vanilla AM flow (fixed camera): ``softmax(|S_t − S_{t+Δ}|)ᵀ·1`` per head, from
     ``amflow_kernels.am_flow``; F = H channels, one per head. No parameters."""
 
-    def __init__(self, num_heads: int, *, offset: int = 1, backend: str = "auto"):
+    def __init__(self, num_heads: int, *, offset: int = 1, norm: str = "none", backend: str = "auto"):
         super().__init__()
-        self.features, self.offset, self.backend = num_heads, offset, backend
+        self.features, self.offset, self.norm, self.backend = num_heads, offset, check_norm(norm), backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, num_frames: int, scale: float) -> torch.Tensor:
         flow = amflow_kernels.am_flow(
             q, k, num_frames=num_frames, offset=self.offset, scale=scale, backend=self.backend
         )
-        return _pad_last_frames(flow.transpose(-1, -2), self.offset)
+        return _pad_last_frames(_normalise(flow.transpose(-1, -2), self.norm), self.offset)
 
 
 class AlignedFlow(nn.Module):
@@ -43,14 +70,14 @@ class AlignedFlow(nn.Module):
 
     def __init__(
         self, num_heads: int, num_tokens: int, *, dim: int = 96, depth: int = 1, encoder_heads: int = 12,
-        offset: int = 1, backend: str = "auto",
+        offset: int = 1, norm: str = "none", backend: str = "auto",
     ):
         super().__init__()
-        self.features, self.offset = dim, offset
+        self.features, self.offset, self.norm = dim, offset, check_norm(norm)
         self.encoder = AligningEncoder(
             num_heads, dim, depth, encoder_heads, num_tokens=num_tokens, backend=backend
         )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, num_frames: int, scale: float) -> torch.Tensor:
         flow = self.encoder.aligned_flow(q, k, num_frames=num_frames, offset=self.offset, scale=scale)
-        return _pad_last_frames(flow, self.offset)
+        return _pad_last_frames(_normalise(flow, self.norm), self.offset)

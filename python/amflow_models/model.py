@@ -15,6 +15,10 @@ runs along time for every token and averages its outputs over tokens (``tpm.py``
 backbone's head on the last frame gives one more set of logits; the model's logits are the
 average of all of them: 2·12 + 1 = 25 for ViT-B with TPMs in every block, 2·2 + 1 = 5 for the
 AVSS paper's AM/2(1,12) (adapters in every block; AM flow and TPMs in blocks 1 and 12 only).
+
+``flow_only`` is a diagnostic, not a paper model: each MHSA adapter reads the AM flow alone
+(``E = ReLU(W_down · flow)``, no LN(X)), there are no MLP adapters and no frame head, so the
+logits come from the flow's TPMs only: how much of the task the flow carries by itself.
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ class AMFlowVideoModel(nn.Module):
         max_frames: the longest clip the transformer TPM accepts.
         aligner_dim, aligner_depth, aligner_heads: the aligning encoder of ``flow="aligned"``.
         backend: the ``amflow_kernels`` backend of the flow ops (``"auto"`` or ``"reference"``, …).
+        flow_only: the diagnostic of the module docstring (needs AM flow in every adapted block).
+        flow_norm: ``"none"`` (the papers) or ``"clip"``: the flow standardised per clip (``flow.py``).
 
     If the backbone's classifier already has ``num_classes`` outputs (say an image model
     fine-tuned on the dataset's frames), it stays frozen and gives the last frame's logits;
@@ -93,7 +99,8 @@ class AMFlowVideoModel(nn.Module):
         self, backbone: nn.Module, num_classes: int, *, flow: str = "vanilla", flow_blocks=None,
         adapter_blocks=None, tpm_blocks=None, tpm: str = "lstm", adapter_dim: int = 64,
         adapter_activation: str = "relu", offset: int = 1, max_frames: int = 32, aligner_dim: int = 96,
-        aligner_depth: int = 1, aligner_heads: int = 12, backend: str = "auto",
+        aligner_depth: int = 1, aligner_heads: int = 12, backend: str = "auto", flow_only: bool = False,
+        flow_norm: str = "none",
     ):
         super().__init__()
         check_backbone(backbone)
@@ -114,6 +121,13 @@ class AMFlowVideoModel(nn.Module):
         for name, blocks in (("flow_blocks", self.flow_blocks), ("tpm_blocks", self.tpm_blocks)):
             if not set(blocks) <= set(self.adapter_blocks):
                 raise ValueError(f"{name} {blocks} must be adapted blocks, got adapter_blocks {self.adapter_blocks}")
+        if flow_only and (flow == "none" or self.flow_blocks != self.adapter_blocks):
+            raise ValueError(
+                "flow_only needs AM flow in every adapted block (flow 'vanilla' or 'aligned', flow_blocks = "
+                f"adapter_blocks), got flow={flow!r}, flow_blocks={self.flow_blocks}, "
+                f"adapter_blocks={self.adapter_blocks}"
+            )
+        self.flow_only = flow_only
 
         width = backbone.embed_dim
         tokens = backbone.patch_embed.num_patches + backbone.num_prefix_tokens
@@ -121,24 +135,25 @@ class AMFlowVideoModel(nn.Module):
         for block in self.flow_blocks:
             heads = backbone.blocks[block - 1].attn.num_heads
             self.flows[str(block)] = (
-                VanillaFlow(heads, offset=offset, backend=backend) if flow == "vanilla" else
+                VanillaFlow(heads, offset=offset, norm=flow_norm, backend=backend) if flow == "vanilla" else
                 AlignedFlow(heads, tokens, dim=aligner_dim, depth=aligner_depth, encoder_heads=aligner_heads,
-                            offset=offset, backend=backend)
+                            offset=offset, norm=flow_norm, backend=backend)
             )
         self.adapters = nn.ModuleDict()
         self.tpms = nn.ModuleDict()
         for block in self.adapter_blocks:
             extra = self.flows[str(block)].features if str(block) in self.flows else 0
-            self.adapters[str(block)] = nn.ModuleDict({
-                "attn": ScaledParallelAdapter(width + extra, width, adapter_dim, activation=adapter_activation),
-                "mlp": ScaledParallelAdapter(width, width, adapter_dim, activation=adapter_activation),
-            })
+            adapters = {"attn": ScaledParallelAdapter((0 if flow_only else width) + extra, width, adapter_dim,
+                                                      activation=adapter_activation)}
+            if not flow_only:
+                adapters["mlp"] = ScaledParallelAdapter(width, width, adapter_dim, activation=adapter_activation)
+            self.adapters[str(block)] = nn.ModuleDict(adapters)
         for block in self.tpm_blocks:
             self.tpms[str(block)] = nn.ModuleDict({
-                part: build_tpm(tpm, adapter_dim, num_classes, max_frames) for part in ("attn", "mlp")
+                part: build_tpm(tpm, adapter_dim, num_classes, max_frames) for part in self.adapters[str(block)]
             })
         own_head = getattr(backbone, "num_classes", 0) == num_classes
-        self.frame_head = None if own_head else nn.Linear(backbone.num_features, num_classes)
+        self.frame_head = None if own_head or flow_only else nn.Linear(backbone.num_features, num_classes)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -162,7 +177,7 @@ class AMFlowVideoModel(nn.Module):
             adapter_input = h
             if key in self.flows:
                 flow = self.flows[key](q, k, frames, attn_scale(block.attn))
-                adapter_input = torch.cat([h, flow.to(h.dtype)], dim=-1)
+                adapter_input = flow.to(h.dtype) if self.flow_only else torch.cat([h, flow.to(h.dtype)], dim=-1)
                 if return_flows:
                     flows[number] = flow.unflatten(0, (batch, frames))
             delta, embedding = self.adapters[key]["attn"](adapter_input)
@@ -170,15 +185,18 @@ class AMFlowVideoModel(nn.Module):
                 logits.append(self.tpms[key]["attn"](_by_token(embedding, batch, frames)))
             x = x + block.drop_path1(block.ls1(attended)) + delta
             h = block.norm2(x)
-            delta, embedding = self.adapters[key]["mlp"](h)
-            if key in self.tpms:
-                logits.append(self.tpms[key]["mlp"](_by_token(embedding, batch, frames)))
-            x = x + block.drop_path2(block.ls2(block.mlp(h))) + delta
-        last_frame = self.backbone.norm(x).unflatten(0, (batch, frames))[:, -1]
-        if self.frame_head is None:
-            logits.append(self.backbone.forward_head(last_frame))
-        else:
-            logits.append(self.frame_head(self.backbone.forward_head(last_frame, pre_logits=True)))
+            x = x + block.drop_path2(block.ls2(block.mlp(h)))
+            if "mlp" in self.adapters[key]:
+                delta, embedding = self.adapters[key]["mlp"](h)
+                if key in self.tpms:
+                    logits.append(self.tpms[key]["mlp"](_by_token(embedding, batch, frames)))
+                x = x + delta
+        if not self.flow_only:
+            last_frame = self.backbone.norm(x).unflatten(0, (batch, frames))[:, -1]
+            if self.frame_head is None:
+                logits.append(self.backbone.forward_head(last_frame))
+            else:
+                logits.append(self.frame_head(self.backbone.forward_head(last_frame, pre_logits=True)))
         dtype = torch.promote_types(video.dtype, torch.float32)  # float32 logits under autocast
         out = torch.stack([logit.to(dtype) for logit in logits]).mean(0)
         return (out, flows) if return_flows else out

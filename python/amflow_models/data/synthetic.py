@@ -1,18 +1,30 @@
-"""A synthetic motion dataset whose classes no single frame can tell apart.
+"""A synthetic motion dataset whose classes no single frame can tell apart, in two camera settings.
 
-Each clip shows one textured shape (an "L", "T" or "U") on a textured background. The class
-is how the shape moves relative to the background:
+Two tasks:
 
-    moving left · moving right · moving up · moving down · turning left · turning right
+- ``which`` (the demo's): three shapes (a reddish "L", a greenish "T" and a bluish "U") on a
+  textured background; one of them moves, the others stand still. The class is *which* shape moves and
+  *how*: it slides (in a random direction) or turns in place,
 
-Everything wraps around the frame edges (a torus), and the start position, orientation, size,
-speed, colours and textures are drawn at random, so every single frame has the same
-distribution whatever the class: only the change between frames tells the class. With
-``camera_motion`` the whole scene also pans at a random velocity (a moving camera), so the
-shape's motion in the image is its own plus the camera's and only its motion relative to the
-background is the class. Mirroring a clip turns "left" into "right" (the training flip swaps
-those labels). Where the shape is in a frame (a 3 × 3 grid of cells) is the single-frame task
-the image model is pretrained on: it learns to find the shape, not how it moves.
+      L slides · L turns · T slides · T turns · U slides · U turns.
+
+  This is the claim AM flow makes: it marks *where* the motion is. Every frame holds all three
+  shapes at random places, sizes and angles, so no single frame tells the class.
+- ``direction``: one shape, the class is *how* it moves (left, right, up, down, turning left,
+  turning right). AM flow is a per-token magnitude of change; the direction has to be read from
+  how that magnitude moves over the tokens, the hardest case for the method.
+
+Two cameras, as in the papers' two settings: ``static`` (SSv2, Toyota Smarthome: vanilla AM
+flow) and ``panning`` (Kinetics: the aligning encoder): the whole scene, background and still
+shapes with it, pans at a random velocity, so every token changes and only motion relative to
+the scene is the class. The scene wraps around the frame edges (a torus). With ``size`` 48 and
+the demo's patch of 8 pixels, a shape covers about 2 × 2 patches and a sliding shape crosses at
+least one patch boundary per clip.
+
+Each frame also gets a label of a single-frame task, the one the image model is pretrained on
+(it learns to find a shape and tell it from the others, never how it moves): the 3 × 3 cell that
+holds the L (``which``) or the shape (``direction``). Mirroring a clip turns "left" into
+"right" (the training flip swaps those labels); the ``which`` classes have no mirror pairs.
 
 Clips are written as H.264 files, so the dataset is read back by the same reader as real data.
 They are lossless (crf 0): libx264's lossy decisions differ from run to run on identical input,
@@ -30,10 +42,14 @@ import numpy as np
 
 from .video_io import write_video
 
-CLASSES = ("moving left", "moving right", "moving up", "moving down", "turning left", "turning right")
 SHAPES = ("L", "T", "U")
-POSITIONS = tuple(f"{row} {column}" for row in ("top", "middle", "bottom") for column in ("left", "centre", "right"))
-_VELOCITY = {0: (0, -1), 1: (0, 1), 2: (-1, 0), 3: (1, 0)}  # (dy, dx) per class, y pointing down
+TASKS = {
+    "which": tuple(f"{shape} {motion}" for shape in SHAPES for motion in ("slides", "turns")),
+    "direction": ("moving left", "moving right", "moving up", "moving down", "turning left", "turning right"),
+}
+CELLS = tuple(f"{row} {column}" for row in ("top", "middle", "bottom") for column in ("left", "centre", "right"))
+CAMERAS = ("static", "panning")
+_VELOCITY = {0: (0, -1), 1: (0, 1), 2: (-1, 0), 3: (1, 0)}  # (dy, dx) per direction class, y pointing down
 
 
 def _shape_mask(shape: int, grid: np.ndarray, half_size: float, angle: float) -> np.ndarray:
@@ -65,74 +81,143 @@ def _periodic_texture(rng: np.random.Generator, size: int, cutoff: float) -> np.
     return texture / max(texture.max(), 1e-8)
 
 
-def render_clip(label: int, rng: np.random.Generator, *, num_frames: int, size: int,
-                camera_motion: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``uint8`` frames ``(T, size, size, 3)`` of one clip of class ``label``, and the shape's
-    centre in every frame ``(T, 2)`` as (y, x) pixels."""
+def _colour(rng: np.random.Generator, channel: int | None = None) -> np.ndarray:
+    """One saturated channel (visible on any background): ``channel``, or a random one."""
+    colour = rng.uniform(0.0, 0.4, 3)
+    colour[rng.integers(3) if channel is None else channel] = 1.0
+    return colour
+
+
+def _spin(rng: np.random.Generator) -> float:
+    """Radians per frame of a turning shape: 20°–40°."""
+    return math.radians(rng.uniform(20, 40))
+
+
+def _plan_which(label: int, rng: np.random.Generator, num_frames: int, size: int) -> list[dict]:
+    """The three shapes of a ``which`` clip: start centres apart and inside the frame, the
+    moving one's per-frame velocity (it stays inside the frame) or spin."""
+    scale = size / 32
+    margin = 6.0 * scale
+    while True:
+        centres = rng.uniform(margin, size - margin, (3, 2))
+        gaps = [np.hypot(*(centres[i] - centres[j])) for i in range(3) for j in range(i)]
+        if min(gaps) >= 10.0 * scale:
+            break
+    mover, turns = divmod(label, 2)
+    shapes = []
+    for shape in range(3):
+        plan = {"shape": shape, "centre": centres[shape], "half_size": rng.uniform(3.5, 4.5) * scale,
+                "angle": rng.uniform(0, 2 * math.pi), "colour": _colour(rng, shape),
+                "velocity": np.zeros(2), "spin": 0.0}
+        shapes.append(plan)
+    moving = shapes[mover]
+    if turns:
+        moving["spin"] = _spin(rng) * rng.choice((-1, 1))
+    else:
+        while True:
+            heading = rng.uniform(0, 2 * math.pi)
+            velocity = np.array([math.sin(heading), math.cos(heading)]) * rng.uniform(1.0, 2.0) * scale
+            end = moving["centre"] + velocity * (num_frames - 1)
+            if ((end >= margin) & (end <= size - margin)).all():
+                break
+        moving["velocity"] = velocity
+    # the moving shape drawn last, on top of the still ones
+    return sorted(shapes, key=lambda plan: plan["shape"] == mover)
+
+
+def _plan_direction(label: int, rng: np.random.Generator, num_frames: int, size: int) -> list[dict]:
+    """The one shape of a ``direction`` clip: anywhere (the scene wraps), moving or turning."""
+    scale = size / 32
+    speed = rng.uniform(1.5, 3.0) * scale
+    return [{"shape": int(rng.integers(len(SHAPES))), "half_size": rng.uniform(5.0, 7.0) * scale,
+             "centre": rng.uniform(0, size, 2), "angle": rng.uniform(0, 2 * math.pi), "colour": _colour(rng),
+             "velocity": np.array(_VELOCITY.get(label, (0, 0)), dtype=np.float64) * speed,
+             "spin": _spin(rng) * (1 if label == 4 else -1) if label >= 4 else 0.0}]
+
+
+def _frame_label(centre: np.ndarray, size: int) -> int:
+    """The single-frame label: the 3 × 3 cell that holds ``centre`` (y, x)."""
+    row, column = (centre * 3) // size
+    return int(3 * row + column)
+
+
+def render_clip(label: int, rng: np.random.Generator, *, num_frames: int, size: int, task: str = "which",
+                camera: str = "static") -> tuple[np.ndarray, np.ndarray]:
+    """``uint8`` frames ``(T, size, size, 3)`` of one clip of class ``label`` of ``task``, and
+    the single-frame label of every frame ``(T,)``."""
+    if task not in TASKS or camera not in CAMERAS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)} and camera one of {', '.join(CAMERAS)}, "
+                         f"got task={task!r}, camera={camera!r}")
+    if not 0 <= label < len(TASKS[task]):
+        raise ValueError(f"label must be in 0..{len(TASKS[task]) - 1} for task {task!r}, got {label}")
     scale = size / 32
     background = 0.25 + 0.5 * _periodic_texture(rng, size, cutoff=0.15)
-    colour = rng.uniform(0.0, 0.4, 3)
-    colour[rng.integers(3)] = 1.0                  # one saturated channel: visible on any background
-    shape = int(rng.integers(len(SHAPES)))
-    half_size = rng.uniform(5.0, 7.0) * scale
-    position = rng.uniform(0, size, 2)
-    angle = rng.uniform(0, 2 * math.pi)
-    speed = rng.uniform(1.5, 3.0) * scale
-    spin = math.radians(rng.uniform(20, 40)) * (1 if label == 4 else -1)  # turning left: counter-clockwise
-    camera = rng.uniform(-1.5, 1.5, 2) * scale if camera_motion else np.zeros(2)
-    own = np.array(_VELOCITY.get(label, (0, 0)), dtype=np.float64) * speed
+    shapes = (_plan_which if task == "which" else _plan_direction)(label, rng, num_frames, size)
+    camera_velocity = rng.uniform(-1.5, 1.5, 2) * scale if camera == "panning" else np.zeros(2)
     grid = np.stack(np.meshgrid(np.arange(size), np.arange(size), indexing="ij")).astype(np.float32) - size // 2
-    frames, centres = [], []
+    frames, labels = [], []
     for t in range(num_frames):
-        pan = np.rint(camera * t).astype(int)
-        scene = np.roll(background, tuple(pan), axis=(0, 1))
-        rotation = angle + (spin * t if label >= 4 else 0.0)
-        mask = _shape_mask(shape, grid, half_size, rotation)
-        centre = np.rint(position + own * t + camera * t).astype(int) % size
-        mask = np.roll(mask, tuple(centre - size // 2), axis=(0, 1))[..., None]
-        frame = scene * (1 - mask) + colour * mask + rng.normal(0, 0.02, scene.shape)
+        pan = camera_velocity * t
+        frame = np.roll(background, tuple(np.rint(pan).astype(int)), axis=(0, 1))
+        for plan in shapes:
+            mask = _shape_mask(plan["shape"], grid, plan["half_size"], plan["angle"] + plan["spin"] * t)
+            centre = np.rint(plan["centre"] + plan["velocity"] * t + pan).astype(int) % size
+            mask = np.roll(mask, tuple(centre - size // 2), axis=(0, 1))[..., None]
+            frame = frame * (1 - mask) + plan["colour"] * mask
+            if plan["shape"] == 0 or task == "direction":
+                label_centre = centre  # the L's (or the only shape's)
+        frame = frame + rng.normal(0, 0.02, frame.shape)
         frames.append(np.clip(frame * 255, 0, 255).astype(np.uint8))
-        centres.append(centre)
-    return np.stack(frames), np.stack(centres)
+        labels.append(_frame_label(label_centre, size))
+    return np.stack(frames), np.array(labels)
 
 
 def generate_synthetic(
     root: str | Path, *, train_per_class: int = 100, val_per_class: int = 30, num_frames: int = 8,
-    size: int = 32, camera_motion: bool = True, seed: int = 0,
+    size: int = 48, task: str = "which", camera: str = "static", image_train: int = 6000, image_val: int = 720,
+    seed: int = 0,
 ) -> Path:
     """Write the dataset under ``root`` and return it:
 
     - ``videos/{train,val}/{index:05d}.mp4`` and the mmaction-style lists ``train.txt`` and
       ``val.txt`` (``path label``) with ``classes.txt``: the video task;
-    - ``frames/{train,val}/{index:05d}_{t:02d}/img_00000.png``, every frame on its own, and the
-      rawframe lists ``frames_train.txt``/``frames_val.txt`` (``folder 1 cell``) with
-      ``positions.txt``: where the shape is (a 3 × 3 grid of cells), the single-frame task the
-      image model is pretrained on.
+    - ``frames/{train,val}/{index:05d}/img_00000.png``, ``image_train`` and ``image_val`` single
+      frames of scenes of their own (a clip's frames are near-copies of one scene, too few
+      scenes for an image model to generalise from), and the rawframe lists
+      ``frames_train.txt``/``frames_val.txt`` (``folder 1 label``) with ``frame_classes.txt``:
+      the single-frame task the image model is pretrained on.
     """
     from PIL import Image
 
+    if task not in TASKS or camera not in CAMERAS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)} and camera one of {', '.join(CAMERAS)}, "
+                         f"got task={task!r}, camera={camera!r}")
     if size % 2 or size < 24 or num_frames < 2:
         raise ValueError(f"size must be even and ≥ 24, and num_frames ≥ 2, got size={size}, num_frames={num_frames}")
+    classes = TASKS[task]
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    (root / "positions.txt").write_text("\n".join(POSITIONS) + "\n")
-    for split_id, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    (root / "frame_classes.txt").write_text("\n".join(CELLS) + "\n")
+    for split_id, (split, per_class, frames) in enumerate((("train", train_per_class, image_train),
+                                                           ("val", val_per_class, image_val))):
         (root / "videos" / split).mkdir(parents=True, exist_ok=True)
-        lines, frame_lines = [], []
-        for index in range(per_class * len(CLASSES)):
-            rng = np.random.default_rng([seed, split_id, index])
-            label = index % len(CLASSES)
-            frames, centres = render_clip(label, rng, num_frames=num_frames, size=size, camera_motion=camera_motion)
+        lines = []
+        for index in range(per_class * len(classes)):
+            label = index % len(classes)
+            clip, _ = render_clip(label, np.random.default_rng([seed, split_id, index]), num_frames=num_frames,
+                                  size=size, task=task, camera=camera)
             video = f"videos/{split}/{index:05d}.mp4"
-            write_video(root / video, frames, crf=0)
+            write_video(root / video, clip, crf=0)
             lines.append(f"{video} {label}")
-            for t in range(num_frames):
-                folder = f"frames/{split}/{index:05d}_{t:02d}"
-                (root / folder).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(frames[t]).save(root / folder / "img_00000.png")
-                row, column = (centres[t] * 3) // size
-                frame_lines.append(f"{folder} 1 {3 * row + column}")
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+        frame_lines = []
+        for index in range(frames):
+            frame, frame_label = render_clip(index % len(classes), np.random.default_rng([seed, 2 + split_id, index]),
+                                             num_frames=1, size=size, task=task, camera=camera)
+            folder = f"frames/{split}/{index:05d}"
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(frame[0]).save(root / folder / "img_00000.png")
+            frame_lines.append(f"{folder} 1 {frame_label[0]}")
         (root / f"frames_{split}.txt").write_text("\n".join(frame_lines) + "\n")
     return root
