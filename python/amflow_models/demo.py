@@ -32,7 +32,7 @@ from pathlib import Path
 from .build import ModelConfig, parameter_report
 from .data.annotations import load_annotations
 from .data.loader import DataConfig
-from .data.synthetic import CAMERAS, TASKS, generate_synthetic
+from .data.synthetic import CAMERAS, CELLS, TASKS, generate_synthetic
 from .data.video_io import read_clip
 from .visualize import overlay_flow
 
@@ -121,14 +121,13 @@ def run_demo(
         image_top1.append(train_image_model("vit_tiny_patch16_224", TINY_VIT, frames, image_model,
                                             epochs=image_epochs, workers=workers, seed=seed, progress=progress,
                                             log=log)["top1"])
-        positions = len((roots["static"] / "frame_classes.txt").read_text().split("\n")) - 1
         for camera in cameras:
             data = _data_config(roots[camera], "train.txt", "val.txt", "classes.txt", 8)
             for variant in variants:
                 log(f"[seed {seed + 1}/{seeds}] {camera} camera: {VARIANTS[variant]}")
                 config = ModelConfig(
                     num_classes=len(classes), backbone="vit_tiny_patch16_224", checkpoint_path=str(image_model),
-                    backbone_kwargs={**TINY_VIT, "num_classes": positions}, tpm=tpm, adapter_dim=32,
+                    backbone_kwargs={**TINY_VIT, "num_classes": len(CELLS)}, tpm=tpm, adapter_dim=32,
                     aligner_dim=48, backend=backend, **variant_config(variant, camera, flow_norm),
                 )
                 run_dir = where / camera / variant
@@ -149,9 +148,8 @@ def run_demo(
         "runs": runs,
         "settings": {"seeds": seeds, "cameras": list(cameras), "task": task, "train_per_class": train_per_class,
                      "val_per_class": val_per_class, "epochs": epochs, "image_frames": list(image_frames),
-                     "image_epochs": image_epochs,
-                     "batch_size": batch_size, "lr": lr, "tpm": tpm, "flow_norm": flow_norm,
-                     "backbone": TINY_VIT, "setting_flow": SETTING_FLOW},
+                     "image_epochs": image_epochs, "batch_size": batch_size, "lr": lr, "tpm": tpm,
+                     "flow_norm": flow_norm, "backbone": TINY_VIT, "setting_flow": SETTING_FLOW},
         "seconds": time.perf_counter() - began,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -180,7 +178,7 @@ def _overlay(out: Path, cameras, variants, task: str) -> str:
         model, checkpoint = load_checkpoint(out / "seed0" / camera / flow_variant / "best.pt")
         data = DataConfig.from_dict(checkpoint["data_config"])
         records, names = load_annotations("list", data.val_list, data.root, labels_file=data.labels_file)
-        clips = [(f"{names[label]}", read_clip(next(r for r in records if r.label == label).path, range))
+        clips = [(names[label], read_clip(next(r for r in records if r.label == label).path, range))
                  for label in range(len(names))]
         path = out / f"flow_overlay_{camera}.png"
         overlay_flow(model, clips, path, image_size=TINY_VIT["img_size"], **NORMALISE,
