@@ -96,8 +96,8 @@ def overlay_flow(model: torch.nn.Module, clips: list[tuple[str, torch.Tensor]], 
     """Write a PNG with, for each ``(name, uint8 frames (T, H, W, 3))`` of ``clips``, one row per
     block of ``blocks`` (default: every flow block): frame t with the flow between t and t+Δ
     (mean over channels, bilinearly upsampled) as a heat map. Each clip's colour scale runs from
-    its smallest to its largest value over frames and shown blocks, so within a clip colours
-    compare; return the path."""
+    its median to its largest value over frames and shown blocks (below the median is dark), so
+    within a clip colours compare and a few low outliers cannot wash it out; return the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +113,8 @@ def overlay_flow(model: torch.nn.Module, clips: list[tuple[str, torch.Tensor]], 
         shown, flows = _model_flows(model, frames, image_size, mean, std)
         heat = torch.stack([flows[block].mean(-1) for block in blocks])  # (blocks, T−Δ, gh, gw)
         heat = torch.nn.functional.interpolate(heat, size=shown.shape[-2:], mode="bilinear", align_corners=False)
-        heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+        floor = heat.median()  # the typical token: what is brighter stands out
+        heat = ((heat - floor) / (heat.max() - floor).clamp_min(1e-12)).clamp_min(0)
         rows += [(name, block, shown, heat[i]) for i, block in enumerate(blocks)]
     pairs = rows[0][3].shape[0]
     figure, axes = plt.subplots(len(rows), pairs, figsize=(1.1 * pairs, 1.15 * len(rows)), squeeze=False)
