@@ -62,11 +62,7 @@ def prepare_clip(frames: torch.Tensor, image_size: int, mean, std) -> tuple[torc
 def visualize_flow(model: torch.nn.Module, frames: torch.Tensor, out_file: str | Path, *, image_size: int,
                    mean, std, title: str | None = None) -> Path:
     """Write the PNG for one clip (uint8 frames ``(T, H, W, 3)``) and return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     shown, flows = _model_flows(model, frames, image_size, mean, std)
     pairs = shown.shape[0] - model.offset
     rows = 1 + len(flows)
@@ -79,15 +75,8 @@ def visualize_flow(model: torch.nn.Module, frames: torch.Tensor, out_file: str |
         for t in range(pairs):
             axes[row, t].imshow(rgb[t].numpy(), interpolation="nearest")
         axes[row, 0].set_ylabel(f"block {block}", fontsize=8)
-    for axis in axes.flat:
-        axis.set_xticks([])
-        axis.set_yticks([])
-    figure.suptitle(title or f"AM flow ({model.flow_kind}) between frames t and t+{model.offset}", fontsize=9)
-    figure.tight_layout()
-    out_file = Path(out_file)
-    figure.savefig(out_file, dpi=120)
-    plt.close(figure)
-    return out_file
+    return _save(figure, axes, title or f"AM flow ({model.flow_kind}) between frames t and t+{model.offset}",
+                 out_file, fontsize=9, dpi=120)
 
 
 @torch.no_grad()
@@ -98,11 +87,7 @@ def overlay_flow(model: torch.nn.Module, clips: list[tuple[str, torch.Tensor]], 
     (mean over channels, bilinearly upsampled) as a heat map. Each clip's colour scale runs from
     its median to its largest value over frames and shown blocks (below the median is dark), so
     within a clip colours compare and a few low outliers cannot wash it out; return the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     blocks = tuple(blocks or getattr(model, "flow_blocks", ()))
     missing = sorted(set(blocks) - set(getattr(model, "flow_blocks", ())))
     if missing:
@@ -125,12 +110,27 @@ def overlay_flow(model: torch.nn.Module, clips: list[tuple[str, torch.Tensor]], 
         axes[row, 0].set_ylabel(f"{name}\nblock {block}", fontsize=6)
     for t in range(pairs):
         axes[0, t].set_title(f"t={t}→{t + model.offset}", fontsize=6)
+    return _save(figure, axes, title or f"AM flow ({model.flow_kind}) over the frames: bright = large flow",
+                 out_file, fontsize=8, dpi=110)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, axes, title: str, out_file: str | Path, *, fontsize: int, dpi: int) -> Path:
+    """Strip the panels' ticks, title the figure, write it to ``out_file`` and close it."""
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.suptitle(title or f"AM flow ({model.flow_kind}) over the frames: bright = large flow", fontsize=8)
+    figure.suptitle(title, fontsize=fontsize)
     figure.tight_layout()
     out_file = Path(out_file)
-    figure.savefig(out_file, dpi=110)
-    plt.close(figure)
+    figure.savefig(out_file, dpi=dpi)
+    _pyplot().close(figure)
     return out_file
