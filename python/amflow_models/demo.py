@@ -34,7 +34,7 @@ from .data.annotations import load_annotations
 from .data.loader import DataConfig
 from .data.synthetic import CAMERAS, CELLS, TASKS, generate_synthetic
 from .data.video_io import read_clip
-from .visualize import overlay_flow
+from .visualize import overlay_flow, pyplot
 
 TINY_VIT = dict(img_size=48, patch_size=8, embed_dim=64, depth=4, num_heads=4)
 NORMALISE = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -212,11 +212,7 @@ def format_table(results: dict) -> str:
 
 def plot_accuracy(results: dict, path: Path) -> None:
     """Validation top-1 per epoch, mean ± std over seeds as error bars, one panel per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     summary = results["summary"]
     figure, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 3.4), squeeze=False, sharey=True)
     for axis, (camera, variants) in zip(axes[0], summary.items()):

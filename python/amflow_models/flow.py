@@ -31,8 +31,7 @@ def _normalise(flow: torch.Tensor, norm: str) -> torch.Tensor:
     """``(B, T−Δ, N, F)`` flow, standardised per clip and channel for ``norm="clip"``."""
     if norm == "none":
         return flow
-    mean = flow.mean(dim=(1, 2), keepdim=True)
-    std = flow.std(dim=(1, 2), keepdim=True, correction=0)
+    std, mean = torch.std_mean(flow, dim=(1, 2), keepdim=True, correction=0)
     return (flow - mean) / (std + 1e-6)
 
 

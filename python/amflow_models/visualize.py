@@ -62,7 +62,7 @@ def prepare_clip(frames: torch.Tensor, image_size: int, mean, std) -> tuple[torc
 def visualize_flow(model: torch.nn.Module, frames: torch.Tensor, out_file: str | Path, *, image_size: int,
                    mean, std, title: str | None = None) -> Path:
     """Write the PNG for one clip (uint8 frames ``(T, H, W, 3)``) and return its path."""
-    plt = _pyplot()
+    plt = pyplot()
     shown, flows = _model_flows(model, frames, image_size, mean, std)
     pairs = shown.shape[0] - model.offset
     rows = 1 + len(flows)
@@ -87,7 +87,7 @@ def overlay_flow(model: torch.nn.Module, clips: list[tuple[str, torch.Tensor]], 
     (mean over channels, bilinearly upsampled) as a heat map. Each clip's colour scale runs from
     its median to its largest value over frames and shown blocks (below the median is dark), so
     within a clip colours compare and a few low outliers cannot wash it out; return the path."""
-    plt = _pyplot()
+    plt = pyplot()
     blocks = tuple(blocks or getattr(model, "flow_blocks", ()))
     missing = sorted(set(blocks) - set(getattr(model, "flow_blocks", ())))
     if missing:
@@ -114,7 +114,8 @@ def overlay_flow(model: torch.nn.Module, clips: list[tuple[str, torch.Tensor]], 
                  out_file, fontsize=8, dpi=110)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,5 +133,5 @@ def _save(figure, axes, title: str, out_file: str | Path, *, fontsize: int, dpi:
     figure.tight_layout()
     out_file = Path(out_file)
     figure.savefig(out_file, dpi=dpi)
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return out_file

@@ -141,13 +141,17 @@ def _frame_label(centre: np.ndarray, size: int) -> int:
     return int(3 * row + column)
 
 
+def _check_options(task: str, camera: str) -> None:
+    if task not in TASKS or camera not in CAMERAS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)} and camera one of {', '.join(CAMERAS)}, "
+                         f"got task={task!r}, camera={camera!r}")
+
+
 def render_clip(label: int, rng: np.random.Generator, *, num_frames: int, size: int, task: str = "which",
                 camera: str = "static") -> tuple[np.ndarray, np.ndarray]:
     """``uint8`` frames ``(T, size, size, 3)`` of one clip of class ``label`` of ``task``, and
     the single-frame label of every frame ``(T,)``."""
-    if task not in TASKS or camera not in CAMERAS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)} and camera one of {', '.join(CAMERAS)}, "
-                         f"got task={task!r}, camera={camera!r}")
+    _check_options(task, camera)
     if not 0 <= label < len(TASKS[task]):
         raise ValueError(f"label must be in 0..{len(TASKS[task]) - 1} for task {task!r}, got {label}")
     scale = size / 32
@@ -189,9 +193,7 @@ def generate_synthetic(
     """
     from PIL import Image
 
-    if task not in TASKS or camera not in CAMERAS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)} and camera one of {', '.join(CAMERAS)}, "
-                         f"got task={task!r}, camera={camera!r}")
+    _check_options(task, camera)
     if size % 2 or size < 24 or num_frames < 2:
         raise ValueError(f"size must be even and ≥ 24, and num_frames ≥ 2, got size={size}, num_frames={num_frames}")
     classes = TASKS[task]
