@@ -9,12 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from amflow_models.build import ModelConfig, build_model
 from amflow_models.cli import build_parser, main
 from amflow_models.data.annotations import VideoRecord, flip_label_pairs, load_annotations
 from amflow_models.data.dataset import VideoDataset, dense_indices, uniform_indices
 from amflow_models.data.synthetic import CAMERAS, TASKS, generate_synthetic, render_clip
 from amflow_models.data.video_io import read_clip, write_video
-from amflow_models.demo import run_demo, summarise, summarise_runs, variant_config
+from amflow_models.demo import flow_peak_on_mover, run_demo, summarise, summarise_runs, variant_config
 from amflow_models.visualize import overlay_flow
 
 # `pip install .` brings these; an environment set up without the package's dependencies (say a
@@ -84,6 +85,48 @@ def test_which_task_moves_one_shape_and_the_panning_camera_moves_the_scene():
         panned, _ = render_clip(label, np.random.default_rng([3, label]), num_frames=8, size=size, camera="panning")
         moved = np.abs(panned[-1].astype(int) - panned[0].astype(int)).max(-1) > 30
         assert moved.mean() > 0.3, f"class {label}: a panning camera changed only {moved.mean():.3f} of the pixels"
+
+
+@pytest.mark.parametrize("camera", CAMERAS)
+def test_the_track_follows_the_moving_shape(camera):
+    """In every frame, the pixels of the moving shape's colour (one channel saturated, the others
+    dark: no background pixel is) lie within the shape's reach of the track, on the torus."""
+    size = 48
+    reach = 4.5 * size / 32 * 2 ** 0.5 + 1  # the largest half-size's corner, and a pixel of rounding
+    for label in (0, 3, 4):  # L slides, T turns, U slides
+        frames, labels, track = render_clip(label, np.random.default_rng([4, label]), num_frames=8, size=size,
+                                            camera=camera, return_track=True)
+        again, again_labels = render_clip(label, np.random.default_rng([4, label]), num_frames=8, size=size,
+                                          camera=camera)
+        assert np.array_equal(frames, again) and np.array_equal(labels, again_labels) and track.shape == (8, 2)
+        channel = label // 2  # L red, T green, U blue
+        others = [c for c in range(3) if c != channel]
+        for t, frame in enumerate(frames.astype(int)):
+            shape = (frame[..., channel] >= 230) & (frame[..., others] <= 120).all(-1)
+            offset = np.abs(np.argwhere(shape) - track[t])
+            distance = np.hypot(*np.minimum(offset, size - offset).T)
+            assert shape.sum() >= 10 and distance.max() <= reach, (f"class {label}, frame {t}: {shape.sum()} shape "
+                                                                   f"pixels, farthest {distance.max():.1f} px away")
+
+
+def test_flow_peak_on_mover_finds_the_moving_shape_under_a_static_camera():
+    """In the first block only the moving shape's tokens change, so their keys do: every row of
+    |S_t − S_t+1| peaks in their columns, and the flow (column sums) peaks on them, whatever
+    the backbone's weights."""
+    torch.manual_seed(0)
+    tiny = dict(img_size=48, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    model = build_model(ModelConfig(num_classes=6, backbone="vit_tiny_patch16_224", backbone_kwargs=tiny,
+                                    variant="vanilla", adapter_dim=8, backend="reference"))
+    clips = [render_clip(label, np.random.default_rng([5, label]), num_frames=6, size=48, return_track=True)
+             for label in range(6)]
+    normalise = dict(mean=(0.5,) * 3, std=(0.25,) * 3)
+    rates, chance = flow_peak_on_mover(model, [(frames, track) for frames, _, track in clips], image_size=48,
+                                       **normalise)
+    assert set(rates) == {1, 2} and all(0 <= rate <= 1 for rate in rates.values())
+    assert 9 / 36 <= chance <= 18 / 36 and rates[1] > 0.9, (rates, chance)
+    frames, _, track = clips[0]
+    with pytest.raises(ValueError, match=r"frames must be \(32, 32\) with a track per frame, got frames \(6, 48, 48"):
+        flow_peak_on_mover(model, [(frames, track)], image_size=32, **normalise)
 
 
 def test_synthetic_options_are_checked(tmp_path):

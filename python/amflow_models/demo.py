@@ -20,6 +20,10 @@ Then print mean ± standard deviation over seeds of the best and final validatio
 the best top-5 per setting and variant, and write ``results.json`` (every run's numbers and
 the summary), ``accuracy.png`` (validation top-1 per epoch, mean ± std over seeds) and
 ``flow_overlay_{camera}.png`` (seed 0's AM flow laid over a validation clip of each class).
+
+``flow_peak_on_mover`` measures what the overlay shows: how often a trained model's AM flow
+peaks on the moving shape, per block (``docs/demo/flow_on_mover.py`` runs it on a demo's
+checkpoints).
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from .build import ModelConfig, parameter_report
 from .data.annotations import load_annotations
 from .data.loader import DataConfig
 from .data.synthetic import CAMERAS, CELLS, TASKS, generate_synthetic
 from .data.video_io import read_clip
-from .visualize import overlay_flow, pyplot
+from .visualize import overlay_flow, patch_flows, pyplot
 
 TINY_VIT = dict(img_size=48, patch_size=8, embed_dim=64, depth=4, num_heads=4)
 NORMALISE = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -187,6 +193,41 @@ def _overlay(out: Path, cameras, variants, task: str) -> str:
                            f"of each class (bright = large flow)")
         panels.append(path.name)
     return "".join(f", {name}" for name in panels)
+
+
+@torch.no_grad()
+def flow_peak_on_mover(model, clips, *, image_size: int, mean, std) -> tuple[dict[int, float], float]:
+    """How often the AM flow marks the shape that moves.
+
+    ``clips``: ``(uint8 frames (T, S, S, 3), track (T, 2))`` pairs, the track being the moving
+    shape's centre ``(y, x)`` per frame (``render_clip(..., return_track=True)``), ``S`` =
+    ``image_size``. A frame pair ``(t, t+Δ)`` is a hit in a block when its largest flow (mean
+    over channels) lies on a patch token within one token (on the torus: the panning scene
+    wraps) of the token holding the shape at ``t`` or at ``t+Δ``. Returns the hit rate per flow
+    block and the chance rate: the mean share of the grid's tokens that would count as a hit."""
+    grid = tuple(model.backbone.patch_embed.grid_size)
+    patch = tuple(model.backbone.patch_embed.patch_size)
+    rows, columns = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+
+    def near(token):  # the tokens within one of ``token`` on the torus, (grid_h, grid_w) booleans
+        dy = (rows - token[0]).remainder(grid[0])
+        dx = (columns - token[1]).remainder(grid[1])
+        return (torch.minimum(dy, grid[0] - dy) <= 1) & (torch.minimum(dx, grid[1] - dx) <= 1)
+
+    hits, chance = {}, []
+    for frames, track in clips:
+        if tuple(frames.shape[1:3]) != (image_size, image_size) or len(track) != len(frames):
+            raise ValueError(f"flow_peak_on_mover: frames must be ({image_size}, {image_size}) with a track per "
+                             f"frame, got frames {tuple(frames.shape)} and a track of {len(track)}")
+        _, flows = patch_flows(model, torch.as_tensor(frames), image_size, mean, std)
+        tokens = torch.as_tensor(track).div(torch.tensor(patch), rounding_mode="floor").long()  # (T, 2)
+        for t in range(len(frames) - model.offset):
+            target = near(tokens[t]) | near(tokens[t + model.offset])
+            chance.append(target.float().mean().item())
+            for block, flow in flows.items():
+                peak = flow[t].mean(-1).flatten().argmax().item()
+                hits.setdefault(block, []).append(bool(target.flatten()[peak]))
+    return {block: sum(h) / len(h) for block, h in sorted(hits.items())}, sum(chance) / len(chance)
 
 
 def format_table(results: dict) -> str:

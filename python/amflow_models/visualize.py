@@ -31,7 +31,7 @@ def flow_to_rgb(flow: torch.Tensor) -> torch.Tensor:
     return rgb.reshape(*flow.shape[:-1], 3).float()
 
 
-def _model_flows(model: torch.nn.Module, frames: torch.Tensor, image_size: int, mean, std):
+def patch_flows(model: torch.nn.Module, frames: torch.Tensor, image_size: int, mean, std):
     """(frames shown ``(T, 3, S, S)``, ``{block: flow (T−Δ, grid_h, grid_w, F)}``) for one clip."""
     if not getattr(model, "flow_blocks", ()):
         raise ValueError(f"the model has no AM flow to show ({type(model).__name__} without flow blocks); "
@@ -63,7 +63,7 @@ def visualize_flow(model: torch.nn.Module, frames: torch.Tensor, out_file: str |
                    mean, std, title: str | None = None) -> Path:
     """Write the PNG for one clip (uint8 frames ``(T, H, W, 3)``) and return its path."""
     plt = pyplot()
-    shown, flows = _model_flows(model, frames, image_size, mean, std)
+    shown, flows = patch_flows(model, frames, image_size, mean, std)
     pairs = shown.shape[0] - model.offset
     rows = 1 + len(flows)
     figure, axes = plt.subplots(rows, pairs, figsize=(1.6 * pairs, 1.6 * rows), squeeze=False)
@@ -95,7 +95,7 @@ def overlay_flow(model: torch.nn.Module, clips: list[tuple[str, torch.Tensor]], 
                          f"{tuple(getattr(model, 'flow_blocks', ()))}")
     rows = []
     for name, frames in clips:
-        shown, flows = _model_flows(model, frames, image_size, mean, std)
+        shown, flows = patch_flows(model, frames, image_size, mean, std)
         heat = torch.stack([flows[block].mean(-1) for block in blocks])  # (blocks, T−Δ, gh, gw)
         heat = torch.nn.functional.interpolate(heat, size=shown.shape[-2:], mode="bilinear", align_corners=False)
         floor = heat.median()  # the typical token: what is brighter stands out

@@ -148,9 +148,11 @@ def _check_options(task: str, camera: str) -> None:
 
 
 def render_clip(label: int, rng: np.random.Generator, *, num_frames: int, size: int, task: str = "which",
-                camera: str = "static") -> tuple[np.ndarray, np.ndarray]:
+                camera: str = "static", return_track: bool = False) -> tuple[np.ndarray, ...]:
     """``uint8`` frames ``(T, size, size, 3)`` of one clip of class ``label`` of ``task``, and
-    the single-frame label of every frame ``(T,)``."""
+    the single-frame label of every frame ``(T,)``; with ``return_track``, also the track of the
+    shape that moves (``which``) or the only shape (``direction``): its centre ``(y, x)`` in
+    pixels in every frame ``(T, 2)``, camera motion included."""
     _check_options(task, camera)
     if not 0 <= label < len(TASKS[task]):
         raise ValueError(f"label must be in 0..{len(TASKS[task]) - 1} for task {task!r}, got {label}")
@@ -159,7 +161,7 @@ def render_clip(label: int, rng: np.random.Generator, *, num_frames: int, size: 
     shapes = (_plan_which if task == "which" else _plan_direction)(label, rng, num_frames, size)
     camera_velocity = rng.uniform(-1.5, 1.5, 2) * scale if camera == "panning" else np.zeros(2)
     grid = np.stack(np.meshgrid(np.arange(size), np.arange(size), indexing="ij")).astype(np.float32) - size // 2
-    frames, labels = [], []
+    frames, labels, track = [], [], []
     for t in range(num_frames):
         pan = camera_velocity * t
         frame = np.roll(background, tuple(np.rint(pan).astype(int)), axis=(0, 1))
@@ -170,9 +172,12 @@ def render_clip(label: int, rng: np.random.Generator, *, num_frames: int, size: 
             frame = frame * (1 - mask) + plan["colour"] * mask
             if plan["shape"] == 0 or task == "direction":
                 label_centre = centre  # the L's (or the only shape's)
+        track.append(centre)  # the moving shape is drawn last
         frame = frame + rng.normal(0, 0.02, frame.shape)
         frames.append(np.clip(frame * 255, 0, 255).astype(np.uint8))
         labels.append(_frame_label(label_centre, size))
+    if return_track:
+        return np.stack(frames), np.array(labels), np.stack(track)
     return np.stack(frames), np.array(labels)
 
 
