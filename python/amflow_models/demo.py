@@ -206,28 +206,25 @@ def flow_peak_on_mover(model, clips, *, image_size: int, mean, std) -> tuple[dic
     wraps) of the token holding the shape at ``t`` or at ``t+Δ``. Returns the hit rate per flow
     block and the chance rate: the mean share of the grid's tokens that would count as a hit."""
     grid = tuple(model.backbone.patch_embed.grid_size)
-    patch = tuple(model.backbone.patch_embed.patch_size)
+    patch = torch.tensor(model.backbone.patch_embed.patch_size)
     rows, columns = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-
-    def near(token):  # the tokens within one of ``token`` on the torus, (grid_h, grid_w) booleans
-        dy = (rows - token[0]).remainder(grid[0])
-        dx = (columns - token[1]).remainder(grid[1])
-        return (torch.minimum(dy, grid[0] - dy) <= 1) & (torch.minimum(dx, grid[1] - dx) <= 1)
-
     hits, chance = {}, []
     for frames, track in clips:
         if tuple(frames.shape[1:3]) != (image_size, image_size) or len(track) != len(frames):
             raise ValueError(f"flow_peak_on_mover: frames must be ({image_size}, {image_size}) with a track per "
                              f"frame, got frames {tuple(frames.shape)} and a track of {len(track)}")
         _, flows = patch_flows(model, torch.as_tensor(frames), image_size, mean, std)
-        tokens = torch.as_tensor(track).div(torch.tensor(patch), rounding_mode="floor").long()  # (T, 2)
-        for t in range(len(frames) - model.offset):
-            target = near(tokens[t]) | near(tokens[t + model.offset])
-            chance.append(target.float().mean().item())
-            for block, flow in flows.items():
-                peak = flow[t].mean(-1).flatten().argmax().item()
-                hits.setdefault(block, []).append(bool(target.flatten()[peak]))
-    return {block: sum(h) / len(h) for block, h in sorted(hits.items())}, sum(chance) / len(chance)
+        tokens = torch.as_tensor(track).div(patch, rounding_mode="floor").long()  # (T, 2)
+        dy = (rows - tokens[:, 0, None, None]).remainder(grid[0])  # (T, grid_h, grid_w), on the torus
+        dx = (columns - tokens[:, 1, None, None]).remainder(grid[1])
+        near = ((torch.minimum(dy, grid[0] - dy) <= 1) & (torch.minimum(dx, grid[1] - dx) <= 1)).flatten(1)
+        target = near[:-model.offset] | near[model.offset:]  # (T−Δ, N): near the shape at t or t+Δ
+        chance.append(target.float().mean(1))
+        for block, flow in flows.items():
+            peak = flow.mean(-1).flatten(1).argmax(1)  # (T−Δ,)
+            hits.setdefault(block, []).append(target.gather(1, peak[:, None])[:, 0].float())
+    rates = {block: torch.cat(h).mean().item() for block, h in sorted(hits.items())}
+    return rates, torch.cat(chance).mean().item()
 
 
 def format_table(results: dict) -> str:
