@@ -13,9 +13,9 @@ from amflow_models.build import ModelConfig, build_model
 from amflow_models.cli import build_parser, main
 from amflow_models.data.annotations import VideoRecord, flip_label_pairs, load_annotations
 from amflow_models.data.dataset import VideoDataset, dense_indices, uniform_indices
-from amflow_models.data.synthetic import CAMERAS, TASKS, generate_synthetic, render_clip
+from amflow_models.data.synthetic import CAMERAS, TASKS, dataset_clip, generate_synthetic, render_clip
 from amflow_models.data.video_io import read_clip, write_video
-from amflow_models.demo import flow_peak_on_mover, run_demo, summarise, summarise_runs, variant_config
+from amflow_models.demo import NORMALISE, flow_peak_on_mover, run_demo, summarise, summarise_runs, variant_config
 from amflow_models.visualize import overlay_flow
 
 # `pip install .` brings these; an environment set up without the package's dependencies (say a
@@ -39,10 +39,10 @@ def test_synthetic_clips_are_deterministic_and_read_back_close_to_rendered(synth
         for video in sorted((synthetic / "videos" / split).iterdir()):
             again_clip = read_clip(again / "videos" / split / video.name, range)  # every frame
             assert torch.equal(read_clip(video, range), again_clip)
-    rendered, _ = render_clip(0, np.random.default_rng([0, 0, 0]), num_frames=6, size=32)
-    decoded = read_clip(synthetic / "videos/train/00000.mp4", range)
+    rendered, _ = dataset_clip("val", 4, seed=0, num_frames=6, size=32)  # what dataset_clip renders is what was written
+    decoded = read_clip(synthetic / "videos/val/00004.mp4", range)
     assert decoded.shape == (6, 32, 32, 3) and decoded.dtype == torch.uint8
-    other, _ = render_clip(1, np.random.default_rng([0, 0, 1]), num_frames=6, size=32)
+    other, _ = dataset_clip("train", 4, seed=0, num_frames=6, size=32)  # the same class, another clip
     error = (decoded.float() - torch.from_numpy(rendered).float()).abs().mean()
     unrelated = (decoded.float() - torch.from_numpy(other).float()).abs().mean()
     # lossless H.264 of 4:2:0 chroma on 32-pixel frames: a few of 255; another clip: ~40
@@ -118,14 +118,13 @@ def test_flow_peak_on_mover_finds_the_moving_shape_under_a_static_camera():
                                     variant="vanilla", adapter_dim=8, backend="reference"))
     clips = [render_clip(label, np.random.default_rng([5, label]), num_frames=6, size=48, return_track=True)
              for label in range(6)]
-    normalise = dict(mean=(0.5,) * 3, std=(0.25,) * 3)
     rates, chance = flow_peak_on_mover(model, [(frames, track) for frames, _, track in clips], image_size=48,
-                                       **normalise)
+                                       **NORMALISE)
     assert set(rates) == {1, 2} and all(0 <= rate <= 1 for rate in rates.values())
     assert 9 / 36 <= chance <= 18 / 36 and rates[1] > 0.9, (rates, chance)
     frames, _, track = clips[0]
     with pytest.raises(ValueError, match=r"frames must be \(32, 32\) with a track per frame, got frames \(6, 48, 48"):
-        flow_peak_on_mover(model, [(frames, track)], image_size=32, **normalise)
+        flow_peak_on_mover(model, [(frames, track)], image_size=32, **NORMALISE)
 
 
 def test_synthetic_options_are_checked(tmp_path):
@@ -135,6 +134,8 @@ def test_synthetic_options_are_checked(tmp_path):
         render_clip(0, np.random.default_rng(0), num_frames=4, size=32, task="colour")
     with pytest.raises(ValueError, match=r"label must be in 0\.\.5"):
         render_clip(6, np.random.default_rng(0), num_frames=4, size=32)
+    with pytest.raises(ValueError, match=r"split must be one of train, val, got 'test'"):
+        dataset_clip("test", 0, seed=0, num_frames=4, size=32)
 
 
 def test_video_dataset_train_and_test_views(synthetic):

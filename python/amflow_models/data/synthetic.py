@@ -181,6 +181,20 @@ def render_clip(label: int, rng: np.random.Generator, *, num_frames: int, size: 
     return np.stack(frames), np.array(labels)
 
 
+SPLITS = ("train", "val")
+
+
+def dataset_clip(split: str, index: int, *, seed: int, num_frames: int, size: int, task: str = "which",
+                 camera: str = "static", return_track: bool = False) -> tuple[np.ndarray, ...]:
+    """``render_clip`` of clip ``index`` of ``split`` (class ``index`` mod the classes), the very
+    clip ``generate_synthetic(seed=seed, ...)`` writes as ``videos/{split}/{index:05d}.mp4``."""
+    _check_options(task, camera)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return render_clip(index % len(TASKS[task]), np.random.default_rng([seed, SPLITS.index(split), index]),
+                       num_frames=num_frames, size=size, task=task, camera=camera, return_track=return_track)
+
+
 def generate_synthetic(
     root: str | Path, *, train_per_class: int = 100, val_per_class: int = 30, num_frames: int = 8,
     size: int = 48, task: str = "which", camera: str = "static", image_train: int = 6000, image_val: int = 720,
@@ -206,14 +220,14 @@ def generate_synthetic(
     root.mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text("\n".join(classes) + "\n")
     (root / "frame_classes.txt").write_text("\n".join(CELLS) + "\n")
-    for split_id, (split, per_class, frames) in enumerate((("train", train_per_class, image_train),
-                                                           ("val", val_per_class, image_val))):
+    for split_id, (split, per_class, frames) in enumerate(zip(SPLITS, (train_per_class, val_per_class),
+                                                               (image_train, image_val))):
         (root / "videos" / split).mkdir(parents=True, exist_ok=True)
         lines = []
         for index in range(per_class * len(classes)):
             label = index % len(classes)
-            clip, _ = render_clip(label, np.random.default_rng([seed, split_id, index]), num_frames=num_frames,
-                                  size=size, task=task, camera=camera)
+            clip, _ = dataset_clip(split, index, seed=seed, num_frames=num_frames, size=size, task=task,
+                                   camera=camera)
             video = f"videos/{split}/{index:05d}.mp4"
             write_video(root / video, clip, crf=0)
             lines.append(f"{video} {label}")
