@@ -3,28 +3,29 @@
     python docs/demo/flow_on_mover.py static=RUN/seed0/static/vanilla/best.pt \
         panning=RUN/seed0/panning/aligned/best.pt ...
 
-For each ``camera=checkpoint`` of an ``amflow demo`` run: render that seed's validation clips
-again with the moving shape's track (``dataset_clip``: the very clips the demo wrote), and
-print, per flow block, the share of frame pairs whose largest flow lies within one token of the
-mover (``amflow_models.demo.flow_peak_on_mover``), beside chance.
+For each ``camera=checkpoint`` of an ``amflow demo`` run: render that seed's and task's
+validation clips again with the moving shape's track (``dataset_clip``: the very clips the demo
+wrote), and print, per flow block, the share of frame pairs whose largest flow lies within one
+token of the mover (``amflow_models.demo.flow_peak_on_mover``), beside chance.
 """
 
 import argparse
 
-from amflow_models.data.synthetic import dataset_clip
-from amflow_models.demo import NORMALISE, TINY_VIT, flow_peak_on_mover
+from amflow_models.data.synthetic import TASKS, dataset_clip
+from amflow_models.demo import CLIP_FRAMES, NORMALISE, TINY_VIT, flow_peak_on_mover
 from amflow_models.engine import load_checkpoint
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("runs", nargs="+", metavar="CAMERA=CHECKPOINT")
 parser.add_argument("--seed", type=int, default=0, help="the demo seed the checkpoints belong to (default: 0)")
+parser.add_argument("--task", choices=tuple(TASKS), default="which", help="the demo's task (default: which)")
 parser.add_argument("--clips", type=int, default=180, help="validation clips to measure on (default: 180)")
 args = parser.parse_args()
 for run in args.runs:
     camera, checkpoint = run.split("=", 1)
     model, _ = load_checkpoint(checkpoint)
-    clips = [dataset_clip("val", i, seed=args.seed, num_frames=8, size=TINY_VIT["img_size"], camera=camera,
-                          return_track=True) for i in range(args.clips)]
+    clips = [dataset_clip("val", i, seed=args.seed, num_frames=CLIP_FRAMES, size=TINY_VIT["img_size"],
+                          task=args.task, camera=camera, return_track=True) for i in range(args.clips)]
     rates, chance = flow_peak_on_mover(model, [(frames, track) for frames, _, track in clips],
                                        image_size=TINY_VIT["img_size"], **NORMALISE)
     blocks = ", ".join(f"block {block} {rate:.2f}" for block, rate in rates.items())

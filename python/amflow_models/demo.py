@@ -42,6 +42,7 @@ from .data.synthetic import CAMERAS, CELLS, TASKS, generate_synthetic
 from .data.video_io import read_clip
 from .visualize import overlay_flow, patch_flows, pyplot
 
+CLIP_FRAMES = 8  # frames per synthetic clip, all of them sampled
 TINY_VIT = dict(img_size=48, patch_size=8, embed_dim=64, depth=4, num_heads=4)
 NORMALISE = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 SETTING_FLOW = {"static": "vanilla", "panning": "aligned"}  # the papers' AM flow for each camera
@@ -117,8 +118,8 @@ def run_demo(
             image_train, image_val = image_frames if camera == "static" else (0, 0)
             roots[camera] = generate_synthetic(
                 where / f"data-{camera}", train_per_class=train_per_class, val_per_class=val_per_class,
-                size=TINY_VIT["img_size"], task=task, camera=camera, image_train=image_train, image_val=image_val,
-                seed=seed,
+                num_frames=CLIP_FRAMES, size=TINY_VIT["img_size"], task=task, camera=camera, image_train=image_train,
+                image_val=image_val, seed=seed,
             )
         log(f"[seed {seed + 1}/{seeds}] pretraining the image model on single frames: where is the "
             f"{'L' if task == 'which' else 'shape'}?")
@@ -128,7 +129,7 @@ def run_demo(
                                             epochs=image_epochs, workers=workers, seed=seed, progress=progress,
                                             log=log)["top1"])
         for camera in cameras:
-            data = _data_config(roots[camera], "train.txt", "val.txt", "classes.txt", 8)
+            data = _data_config(roots[camera], "train.txt", "val.txt", "classes.txt", CLIP_FRAMES)
             for variant in variants:
                 log(f"[seed {seed + 1}/{seeds}] {camera} camera: {VARIANTS[variant]}")
                 config = ModelConfig(

@@ -184,6 +184,11 @@ def render_clip(label: int, rng: np.random.Generator, *, num_frames: int, size: 
 SPLITS = ("train", "val")
 
 
+def _clip_class(index: int, task: str) -> int:
+    """The class of clip ``index`` of a split: the classes in turn."""
+    return index % len(TASKS[task])
+
+
 def dataset_clip(split: str, index: int, *, seed: int, num_frames: int, size: int, task: str = "which",
                  camera: str = "static", return_track: bool = False) -> tuple[np.ndarray, ...]:
     """``render_clip`` of clip ``index`` of ``split`` (class ``index`` mod the classes), the very
@@ -191,7 +196,7 @@ def dataset_clip(split: str, index: int, *, seed: int, num_frames: int, size: in
     _check_options(task, camera)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    return render_clip(index % len(TASKS[task]), np.random.default_rng([seed, SPLITS.index(split), index]),
+    return render_clip(_clip_class(index, task), np.random.default_rng([seed, SPLITS.index(split), index]),
                        num_frames=num_frames, size=size, task=task, camera=camera, return_track=return_track)
 
 
@@ -225,12 +230,11 @@ def generate_synthetic(
         (root / "videos" / split).mkdir(parents=True, exist_ok=True)
         lines = []
         for index in range(per_class * len(classes)):
-            label = index % len(classes)
             clip, _ = dataset_clip(split, index, seed=seed, num_frames=num_frames, size=size, task=task,
                                    camera=camera)
             video = f"videos/{split}/{index:05d}.mp4"
             write_video(root / video, clip, crf=0)
-            lines.append(f"{video} {label}")
+            lines.append(f"{video} {_clip_class(index, task)}")
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
         frame_lines = []
         for index in range(frames):
