@@ -118,13 +118,14 @@ def test_flow_peak_on_mover_finds_the_moving_shape_under_a_static_camera():
                                     variant="vanilla", adapter_dim=8, backend="reference"))
     clips = [render_clip(label, np.random.default_rng([5, label]), num_frames=6, size=48, return_track=True)
              for label in range(6)]
-    rates, chance = flow_peak_on_mover(model, [(frames, track) for frames, _, track in clips], image_size=48,
-                                       **NORMALISE)
+    rates, chance = flow_peak_on_mover(model, [(frames, track) for frames, _, track in clips], **NORMALISE)
     assert set(rates) == {1, 2} and all(0 <= rate <= 1 for rate in rates.values())
     assert 9 / 36 <= chance <= 18 / 36 and rates[1] > 0.9, (rates, chance)
     frames, _, track = clips[0]
-    with pytest.raises(ValueError, match=r"frames must be \(32, 32\) with a track per frame, got frames \(6, 48, 48"):
-        flow_peak_on_mover(model, [(frames, track)], image_size=32, **NORMALISE)
+    with pytest.raises(ValueError, match=r"frames must be \(48, 48\) \(the model's input\) .* got frames \(6, 32, 32"):
+        flow_peak_on_mover(model, [(frames[:, :32, :32], track)], **NORMALISE)
+    with pytest.raises(ValueError, match=r"with a track per frame, got frames \(6, 48, 48, 3\) and a track of 5"):
+        flow_peak_on_mover(model, [(frames, track[:5])], **NORMALISE)
 
 
 def test_synthetic_options_are_checked(tmp_path):

@@ -197,24 +197,26 @@ def _overlay(out: Path, cameras, variants, task: str) -> str:
 
 
 @torch.no_grad()
-def flow_peak_on_mover(model, clips, *, image_size: int, mean, std) -> tuple[dict[int, float], float]:
+def flow_peak_on_mover(model, clips, *, mean, std) -> tuple[dict[int, float], float]:
     """How often the AM flow marks the shape that moves.
 
     ``clips``: ``(uint8 frames (T, S, S, 3), track (T, 2))`` pairs, the track being the moving
-    shape's centre ``(y, x)`` per frame (``render_clip(..., return_track=True)``), ``S`` =
-    ``image_size``. A frame pair ``(t, t+Δ)`` is a hit in a block when its largest flow (mean
-    over channels) lies on a patch token within one token (on the torus: the panning scene
-    wraps) of the token holding the shape at ``t`` or at ``t+Δ``. Returns the hit rate per flow
-    block and the chance rate: the mean share of the grid's tokens that would count as a hit."""
-    grid = tuple(model.backbone.patch_embed.grid_size)
-    patch = torch.tensor(model.backbone.patch_embed.patch_size)
+    shape's centre ``(y, x)`` per frame (``render_clip(..., return_track=True)``) and ``S`` the
+    model's input size, so that the track's pixels are the model's. A frame pair ``(t, t+Δ)``
+    is a hit in a block when its largest flow (mean over channels) lies on a patch token within
+    one token (on the torus: the panning scene wraps) of the token holding the shape at ``t`` or
+    at ``t+Δ``. Returns the hit rate per flow block and the chance rate: the mean share of the
+    grid's tokens that would count as a hit."""
+    patch_embed = model.backbone.patch_embed
+    grid, size = tuple(patch_embed.grid_size), tuple(patch_embed.img_size)
+    patch = torch.tensor(patch_embed.patch_size)
     rows, columns = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
     hits, chance = {}, []
     for frames, track in clips:
-        if tuple(frames.shape[1:3]) != (image_size, image_size) or len(track) != len(frames):
-            raise ValueError(f"flow_peak_on_mover: frames must be ({image_size}, {image_size}) with a track per "
+        if tuple(frames.shape[1:3]) != size or len(track) != len(frames):
+            raise ValueError(f"flow_peak_on_mover: frames must be {size} (the model's input) with a track per "
                              f"frame, got frames {tuple(frames.shape)} and a track of {len(track)}")
-        _, flows = patch_flows(model, torch.as_tensor(frames), image_size, mean, std)
+        _, flows = patch_flows(model, torch.as_tensor(frames), size[0], mean, std)
         tokens = torch.as_tensor(track).div(patch, rounding_mode="floor").long()  # (T, 2)
         dy = (rows - tokens[:, 0, None, None]).remainder(grid[0])  # (T, grid_h, grid_w), on the torus
         dx = (columns - tokens[:, 1, None, None]).remainder(grid[1])
