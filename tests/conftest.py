@@ -1,7 +1,10 @@
 """Test setup: Triton's interpreter on CPU-only machines, seeding, NaN-poisoned allocations.
 
 - Without CUDA, TRITON_INTERPRET=1 is set before amflow_kernels (and triton.jit) is imported,
-  so the Triton kernels run on CPU tensors through Triton's interpreter.
+  so the Triton kernels run on CPU tensors through Triton's interpreter. There, TF32 products
+  are computed as a GPU computes them (tests/interpreter_tf32.py), and the autotuners draw a
+  config per key from the session seed (AMFLOW_AUTOTUNE=random:SEED, amflow_kernels/ops/autotune.py),
+  so partner kernels meet tiles other than the first.
 - Every test gets fresh random inputs: a session seed (AMFLOW_TEST_SEED, else random, shown
   in the report's header and last line) mixed with the test's id seeds torch before each test.
 - torch.empty / torch.empty_like (and, without a GPU, the C++ at::empty) return NaN-filled
@@ -18,16 +21,22 @@ import zlib
 import pytest
 import torch
 
+# Set in the environment, so pytest-xdist's workers, started after this, draw the same inputs.
+SESSION_SEED = int(os.environ.setdefault("AMFLOW_TEST_SEED", str(random.SystemRandom().randrange(2**31))))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    os.environ.setdefault("AMFLOW_AUTOTUNE", f"random:{SESSION_SEED}")
+    import interpreter_tf32
 
-from helpers import BACKEND_TARGETS, target_params
+    interpreter_tf32.install()
 
-SESSION_SEED = int(os.environ.get("AMFLOW_TEST_SEED", random.SystemRandom().randrange(2**31)))
+from helpers import BACKEND_TARGETS, target_params  # noqa: E402  (after the interpreter is chosen)
 
 
 def _seed_line() -> str:
-    return f"amflow seed: AMFLOW_TEST_SEED={SESSION_SEED}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}"
+    settings = ("AMFLOW_TEST_SEED", "TRITON_INTERPRET", "AMFLOW_AUTOTUNE")
+    return "amflow settings: " + "; ".join(f"{name}={os.environ.get(name, '')}" for name in settings)
 
 
 def pytest_report_header(config):

@@ -69,12 +69,12 @@ def _colsum_reference(q, k, offset, paired, scale):
     return reference.attention_colsum(q, k, scale=scale)
 
 
-def _colsum_kernels(emulated, build):
-    return emulated(cuda_cores_only=build == "pre_sm80")
+def _colsum_kernels(emulated, build, **variant):
+    return emulated(cuda_cores_only=build == "pre_sm80", **variant)
 
 
-def _colsum_emulated(emulated, build, q, k, grad, offset, paired, scale):
-    kernels = _colsum_kernels(emulated, build)
+def _colsum_emulated(emulated, build, q, k, grad, offset, paired, scale, **variant):
+    kernels = _colsum_kernels(emulated, build, **variant)
     out, stats = kernels.softmax_colsum_fwd(q, k, offset, paired, scale)
     dq, dk = kernels.softmax_colsum_bwd(grad, q, k, stats, offset, paired, scale)
     return out, dq, dk
@@ -86,17 +86,21 @@ def _frames(layout, B, T, H, N, D, dtype):
     return [reference.as_frames(x.detach(), kw.get("num_frames")) for x in (q, k)]
 
 
-@pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
-@pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
-@pytest.mark.parametrize("case", COLSUM_CPU_CASES, ids=colsum_case_id)
-def test_softmax_colsum(emulated, case, paired, build, dtype):
+def _check_colsum(emulated, case, paired, build, dtype, **variant):
     B, T, H, N, D, offset, layout = case
     q, k = _frames(layout, B, T, H, N, D, dtype)
     scale = D**-0.5
     check_against_reference(
-        lambda grad: _colsum_emulated(emulated, build, q, k, grad, offset, paired, scale),
+        lambda grad: _colsum_emulated(emulated, build, q, k, grad, offset, paired, scale, **variant),
         lambda q, k: _colsum_reference(q, k, offset, paired, scale), (q, k), ("out", "dq", "dk"),
     )
+
+
+@pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
+@pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
+@pytest.mark.parametrize("case", COLSUM_CPU_CASES, ids=colsum_case_id)
+def test_softmax_colsum(emulated, case, paired, build, dtype):
+    _check_colsum(emulated, case, paired, build, dtype)
 
 
 @pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
@@ -109,14 +113,15 @@ def test_softmax_colsum_large_scores(emulated, paired, build, dtype):
     )
 
 
-def _check_linear_attention(emulated, q, k, v, eps, sms):
+def _check_linear_attention(emulated, q, k, v, eps, sms, **variant):
     q, k, v = (x.detach() for x in (q, k, v))
+    kernels = emulated(**variant)
     state = {}
 
     def run(grad):
-        out, kv, z = emulated().linear_attention_fwd(q, k, v, eps, sms)
+        out, kv, z = kernels.linear_attention_fwd(q, k, v, eps, sms)
         state.update(kv=kv, z=z)
-        return (out, *emulated().linear_attention_bwd(grad, q, k, v, kv, z, eps, sms))
+        return (out, *kernels.linear_attention_bwd(grad, q, k, v, kv, z, eps, sms))
 
     check_against_reference(
         run, lambda q, k, v: reference.linear_attention(q, k, v, eps=eps), (q, k, v), ("out", "dq", "dk", "dv")
@@ -192,3 +197,76 @@ def test_linear_attention_race_free(emulated, sms, dtype):
     first, second = _in_both_schedules(emulated(), run)
     for name, a, b in zip(("out", "kv", "z", "dq", "dk", "dv"), first, second):
         assert torch.equal(a, b), f"{name} depends on the order threads run between barriers: a race"
+
+
+# -- The checked build (cuda_emulator/checks.h): memcheck, racecheck and initcheck -------------
+# On a covering subset: every build and dtype, both ops, a tile edge (N = 33: two 32-row tiles,
+# the second nearly empty) and a head dim off the 32-wide chunks (D = 40, 80), where padding
+# and masking are; and linear attention with several chunks and Dv off the 16-wide tiles.
+CHECKED_COLSUM_CASES = [(1, 3, 2, 33, 40, 1, "qkv"), (1, 2, 1, 17, 80, 1, "strided")]
+
+
+@pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
+@pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
+@pytest.mark.parametrize("case", CHECKED_COLSUM_CASES, ids=colsum_case_id)
+def test_softmax_colsum_checked(emulated, case, paired, build, dtype):
+    _check_colsum(emulated, case, paired, build, dtype, checked=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_linear_attention_checked(emulated, dtype):
+    q, k, v = make_qkv("projection", (1, 2), 40, 40, 24, 40, dtype, "cpu")
+    _check_linear_attention(emulated, q, k, v, 1e-6, 1, checked=True)
+
+
+# -- The fast-math build (cuda_emulator/fast_math.h): nvcc's --use_fast_math arithmetic --------
+@pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
+@pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
+def test_softmax_colsum_fast_math(emulated, paired, build, dtype):
+    _check_colsum(emulated, (2, 3, 2, 65, 40, 1, "qkv"), paired, build, dtype, fast_math=True)
+    check_large_scores(
+        lambda q, k, grad: _colsum_emulated(emulated, build, q, k, grad, 1 if paired else 0, paired, 64**-0.5,
+                                            fast_math=True),
+        paired, dtype, "cpu",
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("n, d, dv, layout", [(197, 64, 64, "projection"), (17, 12, 32, "transposed")],
+                         ids=["N197-D64-Dv64", "N17-D12-Dv32"])
+def test_linear_attention_fast_math(emulated, n, d, dv, layout, dtype):
+    q, k, v = make_qkv(layout, (2, 3), n, n, d, dv, dtype, "cpu")
+    _check_linear_attention(emulated, q, k, v, grid_eps(n), H100_SMS, fast_math=True)
+
+
+# -- Planted bugs that only the checked build sees ----------------------------------------------
+# Each is a small edit of a copy of csrc/cuda whose results the other tests cannot tell from
+# the real kernels' (docs/testing.md shows them passing): the checked build must stop it.
+LOAD_LOOP = "for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {"
+PLANTED = {
+    # two threads store each element of a score chunk: the same value, so both schedules agree
+    "race": (LOAD_LOOP, "for (int e = threadIdx.x % (kThreads / 2); e < kTile * kTile; e += kThreads / 2) {",
+             r"race on shared sm\[byte \d+ of \d+\]: thread \d+ wrote it and thread \d+ writes it"),
+    # the backward's row statistics read for the padding rows of the last tile too (unused)
+    "out_of_bounds": ("const float m = row_ok ? p.stats[2 * (base + row)] : 0.f;",
+                      "const float m = p.stats[2 * (base + row)];",
+                      r"reads 4 bytes out of bounds, \d+ bytes past the end of global tensor"),
+    # query rows past N left as the previous tile or block left them (their scores are masked)
+    "uninitialised": ("sm.q[f][r][d] = (d_ok && qn < p.N)", "if (qn < p.N) sm.q[f][r][d] = d_ok",
+                      r"reads shared sm\[byte \d+ of \d+\], which no thread of this block has written"),
+}
+
+
+@pytest.mark.parametrize("bug", list(PLANTED))
+def test_checked_build_catches_planted_bug(emulated, bug, tmp_path):
+    original, planted, message = PLANTED[bug]
+    source = (cuda_emulator.CSRC_CUDA / "softmax_colsum.cuh").read_text()
+    assert source.count(original) == 1, f"the planted bug's site is gone from softmax_colsum.cuh: {original!r}"
+    for path in cuda_emulator.CSRC_CUDA.iterdir():
+        (tmp_path / path.name).write_text(path.read_text())
+    (tmp_path / "softmax_colsum.cuh").write_text(source.replace(original, planted))
+    kernels = emulated(checked=True, sources=tmp_path, tag=f"planted_{bug}")
+    q, k = _frames("contiguous", 1, 2, 1, 33, 40, torch.float32)
+    with pytest.raises(RuntimeError, match=message):
+        out, stats = kernels.softmax_colsum_fwd(q, k, 1, True, 0.2)
+        kernels.softmax_colsum_bwd(torch.randn_like(out), q, k, stats, 1, True, 0.2)

@@ -54,17 +54,13 @@ def colsum_case(kernel: str, dtype: str, cc: int, num_warps: int, **constexprs) 
 
 def linear_case(kernel: str, dtype: str, cc: int, block_d: int, block_dv: int, weighted: bool = False) -> dict:
     """The case of linear-attention kernel ``kernel`` (state, out, bwd_q or bwd_kv) at head-dim
-    tiles (BLOCK_D, BLOCK_DV) as the launcher runs it: its state slice, launch config and
-    PRECISION; ``weighted``: the state kernel as the backward runs it."""
-    import torch
-
+    tiles (BLOCK_D, BLOCK_DV) as the launcher runs it: its state slice and launch config;
+    ``weighted``: the state kernel as the backward runs it."""
     from amflow_kernels.ops import linear_attention_triton as la
-    from amflow_kernels.ops import triton_device
 
-    torch_dtype = getattr(torch, dtype)
     block_e = la.state_slice_width(block_d, block_dv)
-    block_n, num_warps, num_stages = la.launch_config(torch_dtype.itemsize)
-    constexprs = dict(PRECISION=triton_device.input_precision(torch_dtype), BLOCK_N=block_n,
+    block_n, num_warps, num_stages = la.launch_config()
+    constexprs = dict(BLOCK_N=block_n,
                       BLOCK_D=block_d, BLOCK_E=block_e, **({"WEIGHTED": weighted} if kernel == "state" else {}))
     return dict(kernel=f"linear_attention_{kernel}_kernel", dtype=dtype, cc=cc, num_warps=num_warps,
                 num_stages=num_stages, constexprs=constexprs)

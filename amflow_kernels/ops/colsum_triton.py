@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune
 from .triton_device import INTERPRET, input_precision, shared_memory_limit, unit_stride_last_dim
 
 LOG2E = tl.constexpr(math.log2(math.e))
@@ -139,19 +140,16 @@ def _fit_blocked(configs, named_args, **kwargs):
     return fits or configs[-1:]
 
 
-def _untimed(kernel_call, quantiles):
-    """The interpreter's benchmark: every config ties, so the first left by pruning runs
-    (Triton before 3.8 would time even a single config, on a GPU driver it lacks)."""
-    return [0.0] * len(quantiles)
+BLOCKED_AUTOTUNE_KEY = ("N", "BLOCK_D", "PAIRED")
 
 
-def _blocked_autotune():
+def _blocked_autotune(kernel: str):
     """The autotune arguments shared by the blocked (any-N) kernels."""
     return dict(
         configs=_blocked_configs(),
-        key=["N", "BLOCK_D", "PAIRED"],
-        prune_configs_by={"early_config_prune": _fit_blocked},
-        do_bench=_untimed if INTERPRET else None,
+        key=list(BLOCKED_AUTOTUNE_KEY),
+        prune_configs_by={"early_config_prune": autotune.choose(_fit_blocked, kernel, BLOCKED_AUTOTUNE_KEY)},
+        do_bench=autotune.do_bench(),
     )
 
 
@@ -234,6 +232,7 @@ def _frame_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, st
 def _pair_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, P, offset):
     """(program id, q and k of frame p, q and k of frame p + Δ) of the program for (b, p, h)."""
     pid, _, _, _, q_a, k_a = _frame_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, P)
+    offset = offset.to(tl.int64)  # int32 args: offset · stride would wrap past 2³¹ elements
     return pid, q_a, k_a, q_a + offset * stride_qt, k_a + offset * stride_kt
 
 
@@ -284,10 +283,16 @@ def _pair_scores(q_a, k_a, q_b, k_b, rows, row_mask, stride_qn, cols, col_mask, 
 # --------------------------------------------------------------------------------------
 
 
+RESIDENT_AUTOTUNE_KEY = ("N", "BLOCK_N", "BLOCK_D", "PAIRED")
+
+
 @triton.autotune(
     configs=_resident_configs(),
-    key=["N", "BLOCK_N", "BLOCK_D", "PAIRED"],
-    prune_configs_by={"early_config_prune": _fit_resident},
+    key=list(RESIDENT_AUTOTUNE_KEY),
+    prune_configs_by={
+        "early_config_prune": autotune.choose(_fit_resident, "colsum_fwd_resident_kernel", RESIDENT_AUTOTUNE_KEY)
+    },
+    do_bench=autotune.do_bench(),
 )
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_fwd_resident_kernel(
@@ -328,7 +333,7 @@ def colsum_fwd_resident_kernel(
     tl.store(OUT + pid * N + cols, colsum.to(OUT.dtype.element_ty), mask=col_mask)
 
 
-@triton.autotune(**_blocked_autotune())
+@triton.autotune(**_blocked_autotune("colsum_fwd_stats_kernel"))
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_fwd_stats_kernel(
     Q, K, STATS,
@@ -399,7 +404,7 @@ def colsum_fwd_cols_kernel(
 # --------------------------------------------------------------------------------------
 
 
-@triton.autotune(**_blocked_autotune())
+@triton.autotune(**_blocked_autotune("colsum_bwd_rowdot_kernel"))
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_bwd_rowdot_kernel(
     Q, K, STATS, GRAD, C, STATS_BWD,
@@ -497,6 +502,7 @@ def colsum_bwd_dqk_kernel(
     Grid: (B·T·H, ⌈N / block⌉). DQK is contiguous (B, T, H, N, D).
     """
     pid, b, t, h, q_t, k_t = _frame_bases(Q, K, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, H, T)
+    offset = offset.to(tl.int64)  # int32 args: offset · stride would wrap past 2³¹ elements
     stat_cur = ((b * P + t) * H + h) * N  # the (b, p, h) rows of pairs t and t − Δ
     stat_prev = stat_cur - offset * H * N
     OWN: tl.constexpr = BLOCK_N if FOR_K else BLOCK_M  # the block this program writes

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import cext
+from .triton_device import device_guard
 
 TRITON_SUFFIX = "_triton"
 # Leading tensor inputs of each family's forward that are differentiable; the backward takes
@@ -34,7 +35,8 @@ def softmax_colsum_fwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from . import colsum_triton
 
-    return colsum_triton.colsum_fwd(q, k, offset=offset, paired=paired, scale=scale)
+    with device_guard(q):
+        return colsum_triton.colsum_fwd(q, k, offset=offset, paired=paired, scale=scale)
 
 
 @torch.library.custom_op("amflow::softmax_colsum_bwd_triton", mutates_args=())
@@ -44,7 +46,8 @@ def softmax_colsum_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from . import colsum_triton
 
-    return colsum_triton.colsum_bwd(grad, q, k, stats, offset=offset, paired=paired, scale=scale)
+    with device_guard(q):
+        return colsum_triton.colsum_bwd(grad, q, k, stats, offset=offset, paired=paired, scale=scale)
 
 
 @torch.library.custom_op("amflow::linear_attention_fwd_triton", mutates_args=())
@@ -53,7 +56,8 @@ def linear_attention_fwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import linear_attention_triton
 
-    return linear_attention_triton.linear_attention_fwd(q, k, v, eps)
+    with device_guard(q):
+        return linear_attention_triton.linear_attention_fwd(q, k, v, eps)
 
 
 @torch.library.custom_op("amflow::linear_attention_bwd_triton", mutates_args=())
@@ -63,7 +67,8 @@ def linear_attention_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import linear_attention_triton
 
-    return linear_attention_triton.linear_attention_bwd(grad, q, k, v, kv, z, eps)
+    with device_guard(q):
+        return linear_attention_triton.linear_attention_bwd(grad, q, k, v, kv, z, eps)
 
 
 def _softmax_colsum_fwd_fake(q, k, offset, paired, scale):

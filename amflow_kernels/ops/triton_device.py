@@ -1,9 +1,10 @@
-"""What the Triton kernels' launch choices depend on besides the shapes: whether Triton's
-interpreter runs them, how much shared memory a program may take on the device, and the
-layout the kernels read."""
+"""What the Triton kernels' launches depend on besides the shapes: whether Triton's
+interpreter runs them, how much shared memory a program may take on the device, which device
+is current, and the layout the kernels read."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -25,11 +26,19 @@ def shared_memory_limit(device: torch.device) -> int:
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input precision for the kernels' products: true fp32 ("ieee") for fp32
-    inputs, since TF32 would lose the small differences S_t − S_{t+Δ} of two large score maps;
-    TF32 for 16-bit inputs, whose fp16/bf16 operands it multiplies exactly with fp32 range and
-    accumulation, so no fp32 state (linear attention's) is ever rounded to 16 bits."""
+    """``tl.dot``'s input precision for the colsum kernels' products, whose operands are the
+    inputs in their own dtype: true fp32 ("ieee") for fp32 inputs, since TF32 would lose the
+    small differences S_t − S_{t+Δ} of two large score maps; for fp16/bf16 operands the
+    setting is moot (they multiply exactly, accumulating in fp32) and "tf32" is Triton's
+    default. Kernels whose operands are fp32 tiles made on chip (linear attention) pass "ieee"."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def device_guard(x: torch.Tensor):
+    """A context in which x's GPU is the current one: Triton launches on the current device and
+    stream whatever device the tensors are on (the CUDA glue's CUDAGuard does this for the
+    extension). Nothing for CPU tensors."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def unit_stride_last_dim(x: torch.Tensor) -> torch.Tensor:

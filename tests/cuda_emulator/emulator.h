@@ -22,6 +22,9 @@
 //   two threads between the same barriers, or of one output by two blocks, make the two
 //   schedules' results differ.
 //
+// Builds: checks.h adds memcheck, racecheck and initcheck (AMFLOW_EMU_CHECKED); fast_math.h the
+// arithmetic of nvcc's --use_fast_math (AMFLOW_EMU_FAST_MATH).
+//
 // Not emulated: the memory model's weaker orderings, timing, occupancy and register limits.
 #pragma once
 
@@ -49,7 +52,12 @@
 #define blockDim (::emu::current().block_dim)
 #define gridDim (::emu::current().grid_dim)
 
+#ifdef AMFLOW_EMU_FAST_MATH
+#include "fast_math.h"
+inline float __expf(float x) { return ::emu::fast_math::exp(x); }
+#else
 inline float __expf(float x) { return std::exp(x); }
+#endif
 
 namespace emu {
 
@@ -57,6 +65,7 @@ constexpr unsigned kWarpSize = 32;
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kDefaultSharedBytes = 48 * 1024;
 constexpr size_t kMaxSharedBytes = 227 * 1024;  // sm_90's opt-in limit per block
+constexpr size_t kSharedRedzone = 64;             // unused bytes on either side of each shared array
 
 // A barrier of `expected` threads; `op` names the collective that the first arrival entered,
 // which every other arrival must match.
@@ -151,9 +160,22 @@ inline void fiber_entry() {
   swapcontext(&b.fibers[b.current_thread].context, &b.scheduler);
 }
 
+#ifdef AMFLOW_EMU_CHECKED
+}  // namespace emu
+#include "checks.h"
+namespace emu {
+#endif
+
 // Runs `body` on every thread of block `index` until all have returned.
 inline void run_block(Block& b, dim3 index) {
   b.block = index;
+#ifdef AMFLOW_EMU_CHECKED
+  check::start_block();
+  if (b.dynamic_shared.size() > 2 * kSharedRedzone) {
+    check::declare_shared(b.dynamic_shared.data() + kSharedRedzone, b.dynamic_shared.size() - 2 * kSharedRedzone,
+                          "dynamic shared memory");
+  }
+#endif
   b.block_barrier = Barrier{b.threads};
   b.warp_barriers.assign(b.threads / kWarpSize, Barrier{kWarpSize});
   for (Fiber& f : b.fibers) {
@@ -219,6 +241,9 @@ struct Launch {
                                std::to_string(block.x) + ", " + std::to_string(shared_bytes) +
                                " bytes of dynamic shared memory (allowed: " + std::to_string(limit) + ")");
     }
+#ifdef AMFLOW_EMU_FAST_MATH
+    const fast_math::FlushSubnormals flush_subnormals;
+#endif
     const std::tuple<std::decay_t<Args>...> args(std::forward<Given>(given)...);
     Block b;
     b.grid_dim = grid;
@@ -227,7 +252,7 @@ struct Launch {
     b.fibers.resize(b.threads);
     for (Fiber& f : b.fibers) f.stack.reset(new char[kStackBytes]);
     b.warps.resize(b.threads / kWarpSize);
-    b.dynamic_shared.assign(shared_bytes, 0);
+    b.dynamic_shared.assign(shared_bytes + 2 * kSharedRedzone, 0);
     b.body = [&] { std::apply(kernel, args); };
     const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
     for (uint64_t i = 0; i < blocks; ++i) {
@@ -247,8 +272,25 @@ Launch<Args...> launch(void (*kernel)(Args...), dim3 grid, dim3 block, size_t sh
 
 template <typename T>
 T* dynamic_shared() {
-  return reinterpret_cast<T*>(current().dynamic_shared.data());
+  return reinterpret_cast<T*>(current().dynamic_shared.data() + kSharedRedzone);
 }
+
+// A `__shared__ T name;` declaration, rewritten by the loader to a static SharedVar<T> and a
+// reference to its value: one instance, shared by a block's threads and reused by the next
+// block, between red zones. The checked build registers it in each block (checks.h).
+template <typename T>
+struct SharedVar {
+  alignas(64) unsigned char before[kSharedRedzone];
+  alignas(64) T value;
+  alignas(64) unsigned char after[kSharedRedzone];
+
+  T& get([[maybe_unused]] const char* name) {
+#ifdef AMFLOW_EMU_CHECKED
+    check::declare_shared(&value, sizeof(T), name);
+#endif
+    return value;
+  }
+};
 
 }  // namespace emu
 
