@@ -69,6 +69,7 @@ def environment() -> dict:
     import triton
 
     import amflow_kernels
+    from amflow_kernels.ops import autotune
 
     revision = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
@@ -81,6 +82,7 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "amflow_kernels": amflow_kernels.__version__,
+        "autotune": autotune.MODE,
         "git_revision": revision,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,25 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """The seed again at the end, where -q (which drops the header) still shows it: a failure on
     fresh random inputs is rerun on the same ones with AMFLOW_TEST_SEED."""
     terminalreporter.write_line(_seed_line())
+
+
+def pytest_sessionstart(session):
+    """AMFLOW_COUNT_COMPILES=DIR: every Triton launch's compile key recorded (triton_compiles.py)."""
+    if os.environ.get("AMFLOW_COUNT_COMPILES") and os.environ.get("TRITON_INTERPRET") == "1":
+        import triton_compiles
+
+        session.config._amflow_compiles = triton_compiles.recording()
+        session.config._amflow_compile_keys = session.config._amflow_compiles.__enter__()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    recording = getattr(session.config, "_amflow_compiles", None)
+    if recording is not None:
+        import triton_compiles
+
+        recording.__exit__(None, None, None)
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        triton_compiles.write(session.config._amflow_compile_keys, Path(os.environ["AMFLOW_COUNT_COMPILES"]), worker)
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import pytest
@@ -292,9 +293,18 @@ TARGETS = [
 BACKEND_TARGETS = [Target("triton", "cpu"), Target("cpu", "cpu"), Target("triton", "cuda"), Target("cuda", "cuda")]
 
 
+# AMFLOW_GPU_GRIDS_ON_CPU=1 (bench/gpu_session.sh --dry-run): the tests of device "cuda" run
+# their grids through the Triton interpreter instead, to see on a CPU machine that the GPU
+# grids pass and what they would compile.
+GPU_GRIDS_ON_CPU = os.environ.get("AMFLOW_GPU_GRIDS_ON_CPU") == "1" and not torch.cuda.is_available()
+
+
 def target_params(device: str | None = None, with_dtypes: bool = False, targets=TARGETS):
     """pytest params over ``targets`` (on ``device``), each alone or with each of its dtypes."""
     marks = lambda t: [pytest.mark.gpu] if t.device == "cuda" else []  # noqa: E731
+    if device == "cuda" and GPU_GRIDS_ON_CPU:
+        device = "cpu"
+        targets = [t for t in targets if t.backend == "triton"]
     targets = [t for t in targets if device in (None, t.device)]
     if not with_dtypes:
         return [pytest.param(t, id=t.id, marks=marks(t)) for t in targets]

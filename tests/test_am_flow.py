@@ -176,6 +176,38 @@ def test_64bit_offsets(backend):
     assert_close("flow[-2:]", flow[:, -2:], ref)
 
 
+def _frames_apart(stride: int, T: int, N: int, D: int) -> torch.Tensor:
+    """(1, T, 1, N, D) fp32 frames ``stride`` elements apart in one untouched allocation (pages
+    never written take no memory), the frames themselves random."""
+    storage = torch.UntypedStorage(((T - 1) * stride + N * D) * 4)  # no NaN fill: that would touch it all
+    x = torch.tensor([], dtype=torch.float32).set_(storage, 0, (1, T, 1, N, D), (T * stride, stride, stride, D, 1))
+    for t in range(T):
+        x[:, t] = torch.randn(1, 1, N, D)
+    return x
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_64bit_offsets_on_cpu(backend):
+    """Frames 2³⁰ elements apart, offset 2: offset · stride passes 2³¹ (int32 in a kernel that
+    does not widen it: the interpreter wraps as a GPU does)."""
+    require_backend(backend, "cpu")
+    q, k = (_frames_apart(2**30 + 16, 3, 9, 16) for _ in range(2))
+    flow = amflow_kernels.am_flow(q, k, offset=2, backend=backend)
+    assert_close("flow", flow, reference.am_flow(q.double(), k.double(), offset=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: inputs on cuda:1 while cuda:0 is current")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_second_gpu(backend):
+    require_backend(backend, "cuda")
+    q, k, _ = make_qk("qkv", 2, 3, 2, 40, 64, torch.float16, "cuda:1")
+    with torch.cuda.device(0):
+        flow = amflow_kernels.am_flow(q, k, num_frames=3, backend=backend)
+    assert flow.device == q.device
+    assert_close("flow", flow, reference.am_flow(q.double(), k.double(), num_frames=3))
+
+
 BAD_INPUTS = [
     (dict(q=torch.zeros(2, 3, 4, 5)), ValueError, r"am_flow: q must have shape \(B, T, H, N, D\).*got 4 dims"),
     (dict(q=torch.zeros(6, 2, 4, 8), num_frames=4), ValueError, r"divisible by num_frames, got 6 and num_frames=4"),
@@ -214,6 +246,20 @@ def test_bad_input(bad, error, message):
     k = bad.pop("k", torch.zeros_like(q) if isinstance(q, torch.Tensor) else q)
     with pytest.raises(error, match=message):
         amflow_kernels.am_flow(q, k, **bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_cuda_extension_loaded():
+    """Where CUDA is available the compiled cuda backend must be too, so that a GPU run can
+    never skip every ``cuda`` case quietly (as it did from a source checkout, which shadows the
+    installed package and its extension)."""
+    if not torch.cuda.is_available():
+        pytest.skip(reason="needs a CUDA device; none is present on this machine")
+    from amflow_kernels.ops import cext
+
+    assert cext.EXTENSION_ERROR is None, cext.EXTENSION_ERROR
+    assert "cuda" in cext.KERNEL_DEVICES, "amflow_kernels._C was built without CUDA kernels"
 
 
 def test_backends_on_cpu(monkeypatch):

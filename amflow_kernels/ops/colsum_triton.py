@@ -60,12 +60,18 @@ MAX_HEAD_DIM = 256
 #   accumulator and the other operand of its product): max(BLOCK_M, BLOCK_N) × BLOCK_D +
 #   BLOCK_M × BLOCK_N, by architecture (sm_90's wgmma reads large tiles' keys from shared memory).
 #   Below the bound, ptxas still spills a few bytes in some configs to fit more blocks per SM;
-#   those are excluded by name (OCCUPANCY_SPILLS). In fp32 at D = 256 (and at 128 on sm_90) no
+#   those are excluded by name (OCCUPANCY_SPILLS, and RESIDENT_OCCUPANCY_SPILLS for the resident
+#   forward), as measured with Triton 3.8 and with the GPU machine's 3.6 on sm_90. In fp32 at
+#   D = 256 (and at 128 on sm_90) no
 #   candidate is left: the smallest runs and spills, as the test lists with its measured bytes.
 RESIDENT_INPUT_ELEMENTS_PER_THREAD = {2: 80, 4: 56}
 RESIDENT_SCORE_ELEMENTS_PER_THREAD = 32
+RESIDENT_OCCUPANCY_SPILLS = {  # (itemsize, BLOCK_N, BLOCK_D) → (BLOCK_M, warps) that spill 8 bytes
+    (2, 512, 32): [(16, 8)],
+}
 BLOCKED_TILE_ELEMENTS_PER_THREAD = {8: {2: 40, 4: 18}, 9: {2: 64, 4: 18}}  # by arch, then itemsize
-OCCUPANCY_SPILLS = {  # (arch, itemsize, BLOCK_D) → (BLOCK_M, BLOCK_N, warps) that spill 4–16 bytes
+OCCUPANCY_SPILLS = {  # (arch, itemsize, BLOCK_D) → (BLOCK_M, BLOCK_N, warps) that spill 4–24 bytes
+    (9, 2, 64): [(64, 64, 4)],
     (9, 2, 128): [(32, 32, 4)],
     (8, 4, 64): [(16, 16, 4)],
     (9, 4, 128): [(16, 16, 4)],
@@ -111,6 +117,8 @@ def blocked_registers_fit(block_m: int, block_n: int, block_d: int, num_warps: i
 
 def resident_registers_fit(block_m: int, block_n: int, block_d: int, num_warps: int, itemsize: int) -> bool:
     """Whether the resident forward keeps its input and score tiles in registers without spilling."""
+    if (block_m, num_warps) in RESIDENT_OCCUPANCY_SPILLS.get((itemsize, block_n, block_d), ()):
+        return False
     threads = 32 * num_warps
     return (
         (block_m + block_n) * block_d <= RESIDENT_INPUT_ELEMENTS_PER_THREAD[itemsize] * threads
@@ -118,10 +126,10 @@ def resident_registers_fit(block_m: int, block_n: int, block_d: int, num_warps: 
     )
 
 
-def _blocked_configs():
+def blocked_configs(interpret: bool = INTERPRET):
     """Autotune candidates; under the interpreter, where timing means nothing, the largest
     tiles, the largest fp32 ones and the smallest (for large head dims)."""
-    candidates = [BLOCKED_CONFIGS[0], (32, 32, 8), BLOCKED_CONFIGS[-1]] if INTERPRET else BLOCKED_CONFIGS
+    candidates = [BLOCKED_CONFIGS[0], (32, 32, 8), BLOCKED_CONFIGS[-1]] if interpret else BLOCKED_CONFIGS
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=1) for bm, bn, w in candidates]
 
 
@@ -146,16 +154,16 @@ BLOCKED_AUTOTUNE_KEY = ("N", "BLOCK_D", "PAIRED")
 def _blocked_autotune(kernel: str):
     """The autotune arguments shared by the blocked (any-N) kernels."""
     return dict(
-        configs=_blocked_configs(),
+        configs=blocked_configs(),
         key=list(BLOCKED_AUTOTUNE_KEY),
         prune_configs_by={"early_config_prune": autotune.choose(_fit_blocked, kernel, BLOCKED_AUTOTUNE_KEY)},
         do_bench=autotune.do_bench(),
     )
 
 
-def _resident_configs():
-    # Under the interpreter, 16 rows on 8 warps: the config every resident tile fits.
-    candidates = [(16, 8)] if INTERPRET else RESIDENT_CONFIGS
+def resident_configs(interpret: bool = INTERPRET):
+    """Autotune candidates; under the interpreter 16 rows on 8 warps, which every resident tile fits."""
+    candidates = [(16, 8)] if interpret else RESIDENT_CONFIGS
     return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1) for bm, w in candidates]
 
 
@@ -287,7 +295,7 @@ RESIDENT_AUTOTUNE_KEY = ("N", "BLOCK_N", "BLOCK_D", "PAIRED")
 
 
 @triton.autotune(
-    configs=_resident_configs(),
+    configs=resident_configs(),
     key=list(RESIDENT_AUTOTUNE_KEY),
     prune_configs_by={
         "early_config_prune": autotune.choose(_fit_resident, "colsum_fwd_resident_kernel", RESIDENT_AUTOTUNE_KEY)

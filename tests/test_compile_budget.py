@@ -1,0 +1,108 @@
+"""The Triton compilations a GPU session triggers, held to what its window affords.
+
+bench/gpu_session.sh has one device call of at most 9 minutes for everything. Its correctness
+stage runs the GPU smoke grid with AMFLOW_AUTOTUNE=first (one config per autotune key); its
+bench stage times every candidate that fits, as users' runs do. Each compilation takes the
+Triton compiler about a second of one CPU core, and a cold cache compiles them all. The
+launches are made here under the interpreter without running the kernels (triton_compiles.py),
+with the candidates, the shared-memory limit and the forward-path choice of an H200.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cases import COLSUM_GPU_CASES, LINEAR_GPU_PARAMS
+from helpers import Target, make_qk, make_qkv
+from test_attention_colsum import GPU_CASES as ATTENTION_COLSUM_GPU_CASES
+from test_attention_colsum import _make as make_colsum_inputs
+from triton_compiles import recording
+
+import amflow_kernels
+from amflow_kernels.ops import autotune, colsum_triton, triton_device
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from workloads import SHAPES, qkv_inputs
+
+pytestmark = pytest.mark.skipif(not triton_device.INTERPRET, reason="counts launches under Triton's interpreter")
+
+# Compilations per stage (measured: 423 and 92 at this revision). On the GPU machine's 16
+# cores, pytest-xdist spreads the smoke grid's over 16 workers; the bench compiles in one
+# process, inside its own timeouts.
+SMOKE_BUDGET = 450
+BENCH_BUDGET = 100
+H200_MULTIPROCESSORS = 132
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+AUTOTUNED = ("colsum_fwd_resident_kernel", "colsum_fwd_stats_kernel", "colsum_bwd_rowdot_kernel")
+
+
+def _fwd_bwd(out):
+    out.backward(torch.ones_like(out))
+
+
+def _smoke_grid(monkeypatch):
+    """Every launch of the GPU smoke grid (tests marked smoke), both Triton forward paths."""
+    smoke = lambda case: case[3] in (17, 261)  # noqa: E731  (cases.py's rule for the colsum grids)
+    for path in ("resident", "blocked"):
+        Target("triton", "cpu", path).activate(monkeypatch)
+        for dtype in GPU_DTYPES:
+            for B, T, H, N, D, offset, layout in filter(smoke, COLSUM_GPU_CASES):
+                q, k, kw = make_qk(layout, B, T, H, N, D, dtype, "cpu")
+                _fwd_bwd(amflow_kernels.am_flow(q, k, offset=offset, backend="triton", **kw))
+            for shape, layout in ATTENTION_COLSUM_GPU_CASES:
+                if shape[2] in (17, 261):
+                    _fwd_bwd(amflow_kernels.attention_colsum(*make_colsum_inputs(shape, layout, dtype, "cpu"),
+                                                             backend="triton"))
+    for dtype in GPU_DTYPES:
+        for param in LINEAR_GPU_PARAMS:
+            if any(mark.name == "smoke" for mark in param.marks):
+                n, d, dv, layout = param.values[0]
+                _fwd_bwd(amflow_kernels.linear_attention(*make_qkv(layout, (4, 12), n, n, d, dv, dtype, "cpu"),
+                                                         backend="triton"))
+
+
+def _bench(monkeypatch):
+    """Every Triton launch of the benchmarks' GPU workloads, forward and backward, with the
+    forward path an H200 takes (resident only with two programs per multiprocessor)."""
+    monkeypatch.setattr(colsum_triton, "_prefer_resident", lambda q, programs: (
+        colsum_triton.resident_fits(q.shape[-2], q.shape[-1], q.dtype) and programs >= 2 * H200_MULTIPROCESSORS))
+    for B, T, H, N, D in SHAPES.values():
+        q, k, v = qkv_inputs((B, T, H, N, D), "fwd+bwd", "cpu")
+        q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+        _fwd_bwd(amflow_kernels.am_flow(q, k, num_frames=T, backend="triton"))
+        _fwd_bwd(amflow_kernels.attention_colsum(q, k, backend="triton"))
+        _fwd_bwd(amflow_kernels.linear_attention(q, k, v, backend="triton"))
+
+
+def _fresh_autotuners(monkeypatch, compile_every_candidate: bool):
+    """The autotuners with empty caches and an H200's candidates; each candidate that fits is
+    launched (so compiled) when ``compile_every_candidate``, as timing them would."""
+    for name in AUTOTUNED:
+        kernel = getattr(colsum_triton, name)
+        monkeypatch.setattr(kernel, "cache", {})
+        resident = name == "colsum_fwd_resident_kernel"
+        configs = colsum_triton.resident_configs(False) if resident else colsum_triton.blocked_configs(False)
+        monkeypatch.setattr(kernel, "configs", configs)
+        if compile_every_candidate:
+            monkeypatch.setattr(kernel, "_do_bench", lambda call, quantiles: (call(), [0.0] * len(quantiles))[1])
+
+
+def test_smoke_grid_compile_budget(monkeypatch):
+    monkeypatch.setattr(autotune, "MODE", "first")
+    _fresh_autotuners(monkeypatch, compile_every_candidate=False)
+    with recording(execute=False) as keys:
+        _smoke_grid(monkeypatch)
+    print(f"smoke grid: {len(keys)} compilations")
+    assert len(keys) <= SMOKE_BUDGET, f"the smoke grid compiles {len(keys)} kernels, over its budget {SMOKE_BUDGET}"
+
+
+def test_bench_compile_budget(monkeypatch):
+    monkeypatch.setattr(autotune, "MODE", "time")
+    _fresh_autotuners(monkeypatch, compile_every_candidate=True)
+    with recording(execute=False) as keys:
+        _bench(monkeypatch)
+    print(f"bench: {len(keys)} compilations")
+    assert len(keys) <= BENCH_BUDGET, f"the benchmarks compile {len(keys)} kernels, over their budget {BENCH_BUDGET}"
