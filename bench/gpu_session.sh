@@ -86,7 +86,7 @@ for stage in $stages; do
       ;;
     smoke)
       if [ "$dry_run" = 1 ]; then
-        AMFLOW_GPU_GRIDS_ON_CPU=1 AMFLOW_COUNT_COMPILES="$work/compiles" \
+        AMFLOW_GPU_GRIDS_ON_CPU=1 AMFLOW_COUNT_COMPILES="$work/compiles" AMFLOW_AUTOTUNE=first \
           run smoke 100000 "$out/tests.log" "${tests[@]}" -m smoke -x
         say "smoke: $("$py" "$repo/tests/triton_compiles.py" "$work/compiles") distinct Triton compilations"
       else

@@ -2,9 +2,7 @@
 
 - Without CUDA, TRITON_INTERPRET=1 is set before amflow_kernels (and triton.jit) is imported,
   so the Triton kernels run on CPU tensors through Triton's interpreter. There, TF32 products
-  are computed as a GPU computes them (tests/interpreter_tf32.py), and the autotuners draw a
-  config per key from the session seed (AMFLOW_AUTOTUNE=random:SEED, amflow_kernels/ops/autotune.py),
-  so partner kernels meet tiles other than the first.
+  are computed as a GPU computes them (tests/interpreter_tf32.py).
 - Every test gets fresh random inputs: a session seed (AMFLOW_TEST_SEED, else random, shown
   in the report's header and last line) mixed with the test's id seeds torch before each test.
 - torch.empty / torch.empty_like (and, without a GPU, the C++ at::empty) return NaN-filled
@@ -27,7 +25,6 @@ SESSION_SEED = int(os.environ.setdefault("AMFLOW_TEST_SEED", str(random.SystemRa
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 if os.environ.get("TRITON_INTERPRET") == "1":
-    os.environ.setdefault("AMFLOW_AUTOTUNE", f"random:{SESSION_SEED}")
     import interpreter_tf32
 
     interpreter_tf32.install()

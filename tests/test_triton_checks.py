@@ -1,17 +1,20 @@
 """What the interpreter-run tests of the Triton kernels see that a plain interpreter would not:
 TF32 products as a GPU computes them (interpreter_tf32.py) and autotune picks other than the
-first (AMFLOW_AUTOTUNE=random), each shown catching a bug planted in a copy of the kernels."""
+first (AMFLOW_AUTOTUNE's random mode, from the session seed, on a covering subset of the colsum
+grid), each shown catching a bug planted in a copy of the kernels."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import check_against_reference, make_qk, make_qkv, require_backend, through_autograd
+from cases import COLSUM_CPU_CASES, colsum_case_id
+from helpers import Target, check_against_reference, make_qk, make_qkv, require_backend, through_autograd
 from triton._C.libtriton import ir
 
 import amflow_kernels
@@ -65,13 +68,15 @@ def _launches(monkeypatch):
     return launches
 
 
+AUTOTUNED = [colsum_triton.colsum_fwd_resident_kernel, colsum_triton.colsum_fwd_stats_kernel,
+             colsum_triton.colsum_bwd_rowdot_kernel]
 PARTNERS = {"colsum_fwd_cols_kernel": "colsum_fwd_stats_kernel", "colsum_bwd_dqk_kernel": "colsum_bwd_rowdot_kernel"}
 
 
 def _partner_mismatches(monkeypatch, module) -> list[str]:
     """Launch the blocked kernels of ``module`` (colsum_triton or a copy) at several token counts,
     each its own autotune key, and list every partner launched with tiles its partner was not."""
-    monkeypatch.setattr(autotune, "MODE", "random")
+    _random_picks(monkeypatch)
     launches = _launches(monkeypatch)
     for n in (5, 17, 20, 33, 40, 64, 65, 80):
         q, k = (torch.randn(1, 2, 1, n, 16) for _ in range(2))
@@ -85,6 +90,35 @@ def _partner_mismatches(monkeypatch, module) -> list[str]:
         elif tiles != tuned[PARTNERS[name]]:
             mismatches.append(f"{name} ran with {tiles}, its partner {PARTNERS[name]} with {tuned[PARTNERS[name]]}")
     return mismatches
+
+
+def _random_picks(monkeypatch):
+    """Autotuners drawing a config per key from the session seed, with empty caches."""
+    monkeypatch.setattr(autotune, "MODE", "random")
+    monkeypatch.setattr(autotune, "SEED", int(os.environ["AMFLOW_TEST_SEED"]))
+    for kernel in AUTOTUNED:
+        monkeypatch.setattr(kernel, "cache", {})
+
+
+# Every other case of the colsum grid, blocked (three autotuned candidates under the interpreter).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
+@pytest.mark.parametrize("case", COLSUM_CPU_CASES[::2], ids=colsum_case_id)
+def test_random_tiles_match_reference(case, paired, dtype, monkeypatch):
+    """The blocked kernels at tiles drawn at random per key: partners keep each other's tiles
+    and every tile size masks its edges."""
+    _random_picks(monkeypatch)
+    Target("triton", "cpu", "blocked").activate(monkeypatch)
+    B, T, H, N, D, offset, layout = case
+    q, k, kw = make_qk(layout, B, T, H, N, D, dtype, "cpu")
+    if paired:
+        op = lambda q, k: amflow_kernels.am_flow(q, k, offset=offset, backend="triton", **kw)  # noqa: E731
+        ref = lambda q, k: reference.am_flow(q, k, offset=offset, **kw)  # noqa: E731
+    else:
+        q, k = (reference.as_frames(x, kw.get("num_frames")).detach().requires_grad_() for x in (q, k))
+        op = lambda q, k: amflow_kernels.attention_colsum(q, k, backend="triton")  # noqa: E731
+        ref = reference.attention_colsum
+    check_against_reference(through_autograd(op, q, k), ref, (q, k), ("out", "dq", "dk"))
 
 
 def test_partner_kernels_run_with_their_partners_tiles(monkeypatch):

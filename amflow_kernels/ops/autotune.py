@@ -8,8 +8,8 @@ when the kernel modules are imported.
   per key instead of every candidate: bench/gpu_session.sh runs its tests so.
 - ``random`` or ``random:SEED``: a candidate that fits drawn per autotune key, reproducibly from
   the seed (0 if none). Partner kernels (colsum's cols after stats, dq/dk after rowdot) must
-  run with the tiles their partner was tuned to, which ``first`` would never vary; the test
-  suite runs under the interpreter with ``random:<session seed>``.
+  run with the tiles their partner was tuned to, which ``first`` would never vary;
+  tests/test_triton_checks.py runs a covering subset of the grids so, from the session seed.
 """
 
 from __future__ import annotations
