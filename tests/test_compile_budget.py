@@ -29,7 +29,7 @@ from workloads import SHAPES, qkv_inputs
 
 pytestmark = pytest.mark.skipif(not triton_device.INTERPRET, reason="counts launches under Triton's interpreter")
 
-# Compilations per stage (measured: 423 and 92 at this revision). On the GPU machine's 16
+# Compilations per stage (measured: 423 and 84 at this revision). On the GPU machine's 16
 # cores, pytest-xdist spreads the smoke grid's over 16 workers; the bench compiles in one
 # process, inside its own timeouts.
 SMOKE_BUDGET = 450
@@ -90,19 +90,16 @@ def _fresh_autotuners(monkeypatch, compile_every_candidate: bool):
             monkeypatch.setattr(kernel, "_do_bench", lambda call, quantiles: (call(), [0.0] * len(quantiles))[1])
 
 
-def test_smoke_grid_compile_budget(monkeypatch):
-    monkeypatch.setattr(autotune, "MODE", "first")
-    _fresh_autotuners(monkeypatch, compile_every_candidate=False)
-    with recording(execute=False) as keys:
-        _smoke_grid(monkeypatch)
-    print(f"smoke grid: {len(keys)} compilations")
-    assert len(keys) <= SMOKE_BUDGET, f"the smoke grid compiles {len(keys)} kernels, over its budget {SMOKE_BUDGET}"
+# (stage, its launches, autotune mode, budget): the smoke grid at one config per key, the bench
+# timing every candidate that fits.
+STAGES = [("smoke grid", _smoke_grid, "first", SMOKE_BUDGET), ("bench", _bench, "time", BENCH_BUDGET)]
 
 
-def test_bench_compile_budget(monkeypatch):
-    monkeypatch.setattr(autotune, "MODE", "time")
-    _fresh_autotuners(monkeypatch, compile_every_candidate=True)
+@pytest.mark.parametrize("stage, launches, mode, budget", STAGES, ids=[stage[0] for stage in STAGES])
+def test_compile_budget(stage, launches, mode, budget, monkeypatch):
+    monkeypatch.setattr(autotune, "MODE", mode)
+    _fresh_autotuners(monkeypatch, compile_every_candidate=mode == "time")
     with recording(execute=False) as keys:
-        _bench(monkeypatch)
-    print(f"bench: {len(keys)} compilations")
-    assert len(keys) <= BENCH_BUDGET, f"the benchmarks compile {len(keys)} kernels, over their budget {BENCH_BUDGET}"
+        launches(monkeypatch)
+    print(f"{stage}: {len(keys)} compilations")
+    assert len(keys) <= budget, f"the {stage} compiles {len(keys)} kernels, over its budget {budget}"

@@ -241,7 +241,7 @@ def test_linear_attention_fast_math(emulated, n, d, dv, layout, dtype):
 
 # -- Planted bugs that only the checked build sees ----------------------------------------------
 # Each is a small edit of a copy of csrc/cuda whose results the other tests cannot tell from
-# the real kernels' (docs/testing.md shows them passing): the checked build must stop it.
+# the real kernels' by value or by schedule: the checked build must stop it.
 LOAD_LOOP = "for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {"
 PLANTED = {
     # two threads store each element of a score chunk: the same value, so both schedules agree
