@@ -1,12 +1,14 @@
 """Build and install amflow_kernels with its compiled extension (amflow_kernels._C).
 
 ``pip install .`` builds the extension from csrc/: CUDA and CPU kernels when a CUDA toolkit
-is found, CPU kernels alone otherwise. Environment:
+is found, CPU kernels alone otherwise; sources and flags are csrc/build.json's, which
+CMakeLists.txt reads too. Environment:
 
 - ``AMFLOW_BUILD_EXTENSION``: ``auto`` (default; a failed build warns and installs the package
   without the extension, whose absence ``python -m amflow_kernels`` then explains), ``cuda`` or
   ``cpu`` (force that build; a failure fails the install), ``none`` (pure Python).
-- ``TORCH_CUDA_ARCH_LIST``: GPU architectures, default ``8.0;9.0`` (A100, H100/H200).
+- ``TORCH_CUDA_ARCH_LIST``: GPU architectures, default ``cuda_arch_list`` of csrc/build.json
+  (8.0;9.0: A100, H100/H200).
 - ``CUDA_HOME``: the toolkit root; defaults to /usr/local/cuda when its nvcc exists.
 - ``AMFLOW_CPU_AVX2``: ``1`` (default on x86-64) compiles the CPU kernels for AVX2 + FMA.
 - ``MAX_JOBS``: parallel compile jobs (ninja), default from the core count and memory.
@@ -14,6 +16,7 @@ is found, CPU kernels alone otherwise. Environment:
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -22,6 +25,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+BUILD = json.loads((ROOT / "csrc" / "build.json").read_text(encoding="utf-8"))
 MODE = os.environ.get("AMFLOW_BUILD_EXTENSION", "auto").lower()
 if MODE not in ("auto", "cuda", "cpu", "none"):
     sys.exit(f"AMFLOW_BUILD_EXTENSION must be auto, cuda, cpu or none, got {MODE!r}")
@@ -46,14 +50,19 @@ def _max_jobs() -> None:
 def _cpu_flags() -> list[str]:
     avx2 = os.environ.get("AMFLOW_CPU_AVX2", "1" if platform.machine() in ("x86_64", "AMD64") else "0")
     if avx2 == "1":
-        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c", "-mbmi2"]
-    return ["-DCPU_CAPABILITY=DEFAULT"]
+        return [f"-D{d}" for d in BUILD["avx2_defines"]] + BUILD["avx2_flags"]
+    return [f"-D{d}" for d in BUILD["portable_defines"]]
 
 
 def _openmp_flags() -> list[str]:
     # at::parallel_for is an inline OpenMP loop: without -fopenmp the CPU kernels run on one
     # thread. On Linux the extension then shares torch's bundled libgomp (same soname).
     return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
+def _sources(key: str) -> list[str]:
+    """The files of csrc/build.json's globs under ``key``, relative to the root, sorted per glob."""
+    return [str(p.relative_to(ROOT)) for pattern in BUILD[key] for p in sorted(ROOT.glob(pattern))]
 
 
 def extension_build():
@@ -65,13 +74,13 @@ def extension_build():
     from torch.utils import cpp_extension
 
     use_cuda = MODE == "cuda" or (MODE == "auto" and cpp_extension.CUDA_HOME is not None)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    sources = ["csrc/amflow.cpp", *sorted(str(p) for p in Path("csrc/cpu").glob("*.cpp"))]
-    cxx = ["-O3", *_cpu_flags(), *_openmp_flags()]  # the C++ standard is the one torch requires, set by torch
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", BUILD["cuda_arch_list"])
+    sources = _sources("sources")
+    cxx = [*BUILD["cxx_flags"], *_cpu_flags(), *_openmp_flags()]  # the C++ standard: torch's, set by torch
     link = _openmp_flags()
     if use_cuda:
-        sources += sorted(str(p) for p in Path("csrc/cuda").glob("*.cu"))
-        nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+        sources += _sources("cuda_sources")
+        nvcc = BUILD["nvcc_flags"]
         extension = cpp_extension.CUDAExtension(
             "amflow_kernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link
         )
@@ -131,9 +140,10 @@ setup(
     ],
     entry_points={"console_scripts": ["amflow = amflow_models.cli:main"]},
     extras_require={
-        # ninja: tests/cuda_emulator builds csrc/cuda's kernels with torch's JIT extension loader
-        # and CI lints with ruff (`ruff check .`, rules in pyproject.toml)
-        "test": ["pytest>=8", "pytest-benchmark>=4", "numpy", "ninja", "ruff>=0.17,<0.18"],
+        # ninja: tests/cuda_emulator builds csrc/cuda's kernels with torch's JIT extension loader;
+        # pytest-xdist: `pytest -n auto` spreads the suite over the cores; CI lints with ruff
+        # (`ruff check .`, rules in pyproject.toml)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "numpy", "ninja", "ruff>=0.17,<0.18"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "numpy", "flash-colreduce"],
     },
     license="MIT",

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import LAYOUTS, target_params
+from helpers import LAYOUTS, gpu_grid_lead, target_params
 
 # -- softmax colsum (am_flow, attention_colsum on (B, T, H, N, D)) --------------------------
 # (B, T, H, N, D, offset, layout). The CPU grid runs through Triton's interpreter, so it is
@@ -29,8 +29,9 @@ COLSUM_CPU_CASES = [
     (1, 3, 2, 200, 32, 1, "strided"),
 ]
 # On a GPU: the whole grid of the issue plus real ViT token counts, in every dtype.
+_GPU_B, _GPU_H = gpu_grid_lead(2, 3)
 COLSUM_GPU_CASES = [
-    (2, T, 3, N, D, offset, layout)
+    (_GPU_B, T, _GPU_H, N, D, offset, layout)
     for (N, D), (T, offset, layout) in zip(
         itertools.product((1, 2, 5, 17, 64, 65, 197, 261, 1370, 2048), (8, 16, 40, 64, 80, 128, 256)),
         itertools.cycle(

@@ -2,7 +2,8 @@
 
 - Without CUDA, TRITON_INTERPRET=1 is set before amflow_kernels (and triton.jit) is imported,
   so the Triton kernels run on CPU tensors through Triton's interpreter. There, TF32 products
-  are computed as a GPU computes them (tests/interpreter_tf32.py).
+  are computed as a GPU computes them (tests/interpreter_tf32.py), and device-function calls
+  skip the interpreter's redundant re-patching of triton.language (tests/interpreter_calls.py).
 - Every test gets fresh random inputs: a session seed (AMFLOW_TEST_SEED, else random, shown
   in the report's header and last line) mixed with the test's id seeds torch before each test.
 - torch.empty / torch.empty_like (and, without a GPU, the C++ at::empty) return NaN-filled
@@ -25,8 +26,10 @@ SESSION_SEED = int(os.environ.setdefault("AMFLOW_TEST_SEED", str(random.SystemRa
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_calls
     import interpreter_tf32
 
+    interpreter_calls.install()
     interpreter_tf32.install()
 
 from helpers import BACKEND_TARGETS, target_params  # noqa: E402  (after the interpreter is chosen)
@@ -64,6 +67,14 @@ def pytest_sessionfinish(session, exitstatus):
         recording.__exit__(None, None, None)
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
         triton_compiles.write(session.config._amflow_compile_keys, Path(os.environ["AMFLOW_COUNT_COMPILES"]), worker)
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    """A temporary directory of this test session that all its pytest-xdist workers share
+    (each worker's own base directory sits in it; a lone process's is it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(autouse=True)

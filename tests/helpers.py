@@ -81,12 +81,25 @@ def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_close(name: str, fused: torch.Tensor, ref64: torch.Tensor, ref_lowp=None) -> None:
-    """fused (any dtype) against the float64 reference; ref_lowp: the reference in fused's dtype."""
+    """fused (any dtype) against the float64 reference; ref_lowp: the reference in fused's dtype.
+
+    The relative RMS error must stay within the dtype's tolerance, or within twice PyTorch's own
+    error in that dtype where that is larger: AM flow's |z| has a kink at z = S_t − S_{t+Δ} = 0,
+    and where some z is within rounding of 0 its sign, hence that score's gradient term, differs
+    between float64 and any fp32 computation. Measured on a GPU smoke case (N 261, D 80, fp32,
+    one of its 1.6 million scores): the fused dq's error 1.16e-4 was the fp32 reference's to
+    three digits, one row's gradient, against 2.8e-7 elsewhere."""
     assert fused.shape == ref64.shape, f"{name}: shape {tuple(fused.shape)} != {tuple(ref64.shape)}"
     assert not torch.isnan(fused).any(), f"{name}: NaN in the fused result"
     tol = REL_RMS_TOL[fused.dtype]
     err = rel_rms(fused, ref64)
-    assert err <= tol, f"{name}: relative RMS error {err:.3g} exceeds {tol:.3g} ({fused.dtype})"
+    if err > tol and ref_lowp is not None:
+        pytorch = rel_rms(ref_lowp, ref64)
+        assert err <= 2 * pytorch, (
+            f"{name}: relative RMS error {err:.3g} exceeds {tol:.3g} and twice PyTorch's {pytorch:.3g} ({fused.dtype})"
+        )
+    else:
+        assert err <= tol, f"{name}: relative RMS error {err:.3g} exceeds {tol:.3g} ({fused.dtype})"
     if ref_lowp is not None and fused.dtype in (torch.float16, torch.bfloat16):
         fused_err = (fused.double() - ref64).abs().max().item()
         pytorch_err = (ref_lowp.double() - ref64).abs().max().item()
@@ -297,6 +310,14 @@ BACKEND_TARGETS = [Target("triton", "cpu"), Target("cpu", "cpu"), Target("triton
 # their grids through the Triton interpreter instead, to see on a CPU machine that the GPU
 # grids pass and what they would compile.
 GPU_GRIDS_ON_CPU = os.environ.get("AMFLOW_GPU_GRIDS_ON_CPU") == "1" and not torch.cuda.is_available()
+
+
+def gpu_grid_lead(*lead: int) -> tuple[int, ...]:
+    """The batch and head dims of a GPU grid's cases: as given on a GPU; one of each where the grid
+    runs on CPU (GPU_GRIDS_ON_CPU). N, D, frames, offset, layout and dtype, which decide the tiles,
+    masks and configs a GPU compiles, stay; the interpreter's time grows with the programs, one per
+    (clip, head), and the CPU grids cover batch and head indexing."""
+    return (1,) * len(lead) if GPU_GRIDS_ON_CPU else lead
 
 
 def target_params(device: str | None = None, with_dtypes: bool = False, targets=TARGETS):

@@ -9,6 +9,7 @@ from helpers import (
     assert_deterministic,
     check_against_reference,
     check_large_scores,
+    gpu_grid_lead,
     large_scores_through_autograd,
     opcheck_pair,
     target_params,
@@ -35,7 +36,7 @@ CPU_CASES = [
 ]
 GPU_CASES = [
     ((B, H, N, D), layout)
-    for (B, H) in ((2, 3),)
+    for (B, H) in (gpu_grid_lead(2, 3),)
     for N in (1, 2, 5, 17, 64, 65, 197, 261, 1370, 2048)
     for D in (8, 40, 64, 128, 256)
     for layout in ("qkv", "transposed")

@@ -1,14 +1,15 @@
-"""Registers of the CUDA kernels (csrc/cuda/*.cuh) on sm_80 and sm_90, compiled on this machine.
+"""Registers of the CUDA kernels (csrc/cuda/*.cuh) on the extension's GPU architectures, compiled here.
 
 A thread whose kernel needs more registers than ptxas gives it spills to local memory, a silent
 slowdown. nvcc compiles for any GPU without one, so this compiles every kernel the extension
-instantiates (both ops' launchers, fp16 / bf16 / fp32), with the extension's own optimisation
-flags (setup.py), and requires ptxas to report no spill stores or loads for any of them. It needs
+instantiates (both ops' launchers, fp16 / bf16 / fp32), with the extension's own nvcc flags
+and architectures (csrc/build.json), and requires ptxas to report no spill stores or loads for any of them. It needs
 a CUDA toolkit's nvcc, as the extension's CUDA build does, and skips with the reason without one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,8 +18,11 @@ from pathlib import Path
 
 import pytest
 
-CSRC_CUDA = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
-NVCC_FLAGS = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-std=c++17"]
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC_CUDA = CSRC / "cuda"
+BUILD = json.loads((CSRC / "build.json").read_text())
+NVCC_FLAGS = [*BUILD["nvcc_flags"], "-std=c++17"]  # the C++ standard the kernels' headers need alone
+ARCHS = [int(arch.replace(".", "")) for arch in BUILD["cuda_arch_list"].split(";")]
 # Every launcher of both ops for each dtype: the kernels they launch are all instantiated.
 INSTANTIATIONS = """
 #include "softmax_colsum.cuh"
@@ -58,7 +62,7 @@ def _demangle(names: list[str]) -> list[str]:
     return subprocess.run([tool], input="\n".join(names), capture_output=True, text=True, check=True).stdout.split("\n")
 
 
-@pytest.mark.parametrize("arch", [80, 90], ids=lambda arch: f"sm{arch}")
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda arch: f"sm{arch}")
 def test_cuda_kernels_do_not_spill(arch, tmp_path):
     nvcc = _nvcc()
     if nvcc is None:

@@ -17,6 +17,7 @@ from helpers import (
     as_float64_leaves,
     assert_close,
     check_against_reference,
+    gpu_grid_lead,
     make_qkv,
     rel_rms,
     require_backend,
@@ -58,8 +59,11 @@ def _check(q, k, v, backend, eps=1e-6, with_lowp=True):
 @pytest.mark.parametrize("target, dtype", la_params("cpu"))
 @pytest.mark.parametrize("n, d, dv, layout", LINEAR_GRID, ids=LINEAR_GRID_IDS)
 def test_grid_cpu(n, d, dv, layout, target, dtype, monkeypatch):
+    """Batch 2 × 3 heads, but 1 × 2 at the longest N: there the interpreter's time, three
+    quarters of this grid's at 2 × 3, goes on programs that repeat the shorter Ns' indexing."""
     device = target.activate(monkeypatch)
-    _check(*make_qkv(layout, (2, 3), n, n, d, dv, dtype, device), target.backend, grid_eps(n))
+    lead = (2, 3) if n <= 197 else (1, 2)
+    _check(*make_qkv(layout, lead, n, n, d, dv, dtype, device), target.backend, grid_eps(n))
 
 
 @pytest.mark.parametrize("target, dtype", la_params("cuda"))
@@ -67,7 +71,7 @@ def test_grid_cpu(n, d, dv, layout, target, dtype, monkeypatch):
 def test_grid_cuda(case, target, dtype, monkeypatch):
     device = target.activate(monkeypatch)
     n, d, dv, layout = case
-    _check(*make_qkv(layout, (4, 12), n, n, d, dv, dtype, device), target.backend, grid_eps(n))
+    _check(*make_qkv(layout, gpu_grid_lead(4, 12), n, n, d, dv, dtype, device), target.backend, grid_eps(n))
 
 
 @pytest.mark.parametrize("lead, nq, nk, d, dv, eps", LINEAR_SHAPES, ids=LINEAR_SHAPE_IDS)

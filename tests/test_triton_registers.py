@@ -28,7 +28,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from triton_aot import case_id, colsum_case, compile_cases, linear_cases
+from triton_aot import case_id, colsum_case, compile_cases_once, linear_cases
 
 from amflow_kernels.ops import colsum_triton
 
@@ -86,12 +86,12 @@ CASES = RESIDENT_CASES + BLOCKED_CASES + LINEAR_CASES
 
 
 @pytest.fixture(scope="module")
-def usage():
+def usage(session_dir):
     """Registers and spills per case id."""
     if "nvidia" not in triton.backends.backends:
         pytest.skip(reason="this Triton has no NVIDIA backend to compile for")
     try:
-        return compile_cases(CASES)
+        return compile_cases_once(CASES, session_dir)
     except RuntimeError as error:
         if "no ptxas report" not in str(error):
             raise

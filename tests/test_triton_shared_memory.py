@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from triton_aot import case_id, colsum_case, compile_cases, linear_cases
+from triton_aot import case_id, colsum_case, compile_cases_once, linear_cases
 
 from amflow_kernels.ops import colsum_triton
 
@@ -51,11 +51,12 @@ LINEAR_CASES = linear_cases((80,), lambda block_d: tuple(ITEMSIZE))
 
 
 @pytest.fixture(scope="module")
-def shared_memory():
+def shared_memory(session_dir):
     """Bytes of shared memory per case id."""
     if "nvidia" not in triton.backends.backends:
         pytest.skip(reason="this Triton has no NVIDIA backend to compile for")
-    return {key: result["shared"] for key, result in compile_cases(BOUND_CASES + FIT_CASES + LINEAR_CASES).items()}
+    cases = BOUND_CASES + FIT_CASES + LINEAR_CASES
+    return {key: r["shared"] for key, r in compile_cases_once(cases, session_dir).items()}
 
 
 @pytest.mark.parametrize("case", BOUND_CASES, ids=case_id)

@@ -13,6 +13,8 @@ without TRITON_INTERPRET, which would turn the kernels into interpreted function
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import io
 import json
 import os
@@ -153,6 +155,20 @@ def compile_cases(cases: list[dict], workers: int = 2) -> dict[str, dict]:
             result = json.loads(line)
             results[case_id(result)] = result
     return results
+
+
+def compile_cases_once(cases: list[dict], shared_dir: Path) -> dict[str, dict]:
+    """:func:`compile_cases`, once per test session: pytest-xdist workers each run a module's
+    fixtures, and each would otherwise compile every case again. The first to ask compiles
+    (on both compiler processes) under a lock in ``shared_dir``, a directory of this session
+    that all its workers share (conftest's ``session_dir``); the others read its results."""
+    key = hashlib.sha256(json.dumps([triton.__version__, cases], sort_keys=True).encode()).hexdigest()[:16]
+    results = shared_dir / f"triton-aot-{key}.json"
+    with open(shared_dir / f"triton-aot-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not results.exists():
+            results.write_text(json.dumps(compile_cases(cases)))
+        return json.loads(results.read_text())
 
 
 if __name__ == "__main__":
