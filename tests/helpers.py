@@ -83,8 +83,9 @@ def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
 def assert_close(name: str, fused: torch.Tensor, ref64: torch.Tensor, ref_lowp=None) -> None:
     """fused (any dtype) against the float64 reference; ref_lowp: the reference in fused's dtype.
 
-    The relative RMS error must stay within the dtype's tolerance, or within twice PyTorch's own
-    error in that dtype where that is larger: AM flow's |z| has a kink at z = S_t − S_{t+Δ} = 0,
+    The relative RMS error must stay within the dtype's tolerance; in float32 also within twice
+    PyTorch's own float32 error where that is larger (16-bit dtypes have their own data-driven
+    rule below, on the max error): AM flow's |z| has a kink at z = S_t − S_{t+Δ} = 0,
     and where some z is within rounding of 0 its sign, hence that score's gradient term, differs
     between float64 and any fp32 computation. Measured on a GPU smoke case (N 261, D 80, fp32,
     one of its 1.6 million scores): the fused dq's error 1.16e-4 was the fp32 reference's to
@@ -93,7 +94,7 @@ def assert_close(name: str, fused: torch.Tensor, ref64: torch.Tensor, ref_lowp=N
     assert not torch.isnan(fused).any(), f"{name}: NaN in the fused result"
     tol = REL_RMS_TOL[fused.dtype]
     err = rel_rms(fused, ref64)
-    if err > tol and ref_lowp is not None:
+    if err > tol and ref_lowp is not None and fused.dtype == torch.float32:
         pytorch = rel_rms(ref_lowp, ref64)
         assert err <= 2 * pytorch, (
             f"{name}: relative RMS error {err:.3g} exceeds {tol:.3g} and twice PyTorch's {pytorch:.3g} ({fused.dtype})"
