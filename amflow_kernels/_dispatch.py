@@ -66,13 +66,13 @@ class ExtensionBackend(Backend):
     device_type = ""
 
     def unavailable(self, device: torch.device) -> str | None:
-        from .ops import cext
+        from .ops import extension
 
-        if cext.EXTENSION_ERROR is not None:
-            return cext.EXTENSION_ERROR
+        if extension.EXTENSION_ERROR is not None:
+            return extension.EXTENSION_ERROR
         if device.type != self.device_type:
             return f"the {self.name} backend runs {self.device_type.upper()} tensors, not {device.type}"
-        if self.device_type not in cext.KERNEL_DEVICES:
+        if self.device_type not in extension.KERNEL_DEVICES:
             return f"amflow_kernels._C was built without {self.device_type.upper()} kernels"
         if self.device_type == "cuda" and not torch.cuda.is_available():
             return "CUDA is not available"
@@ -95,7 +95,7 @@ class CudaBackend(ExtensionBackend):
 
 
 class TritonBackend(Backend):
-    """Fused Triton kernels (amflow_kernels.ops.colsum_triton)."""
+    """Fused Triton kernels (amflow_kernels.ops.softmax_colsum_triton)."""
 
     name = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)

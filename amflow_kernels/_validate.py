@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .reference import as_frames
+from ._layout import as_frames
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

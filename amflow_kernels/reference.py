@@ -1,4 +1,5 @@
-"""The literal formulas of ../SPEC.md, materialising every N×N map.
+"""The literal formulas of the ops (docs/kernels.md derives the fused forms), materialising
+every N×N map.
 
 This module is the ground truth the fused backends are tested against: it is plain
 PyTorch, runs on any device and in any floating dtype (float64 included), and is
@@ -14,14 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["am_flow", "as_frames", "attention_colsum", "linear_attention"]
+from ._layout import as_frames
 
-
-def as_frames(x: torch.Tensor, num_frames: int | None) -> torch.Tensor:
-    """(B·T, H, N, D) with ``num_frames=T`` → a (B, T, H, N, D) view; 5-D input unchanged."""
-    if num_frames is None:
-        return x
-    return x.unflatten(0, (x.shape[0] // num_frames, num_frames))
+__all__ = ["am_flow", "attention_colsum", "linear_attention"]
 
 
 def am_flow(

@@ -1,6 +1,6 @@
 // The amflow operator library: every schema, declared once. Each backend registers its
 // kernels for these schemas with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda); fake kernels and
-// autograd are registered from Python (amflow_kernels/ops/fused.py). What the ops compute:
+// autograd are registered from Python (amflow_kernels/ops/registration.py). What the ops compute:
 // docs/kernels.md, and each kernel file's header.
 //
 // softmax_colsum_*: q, k (B, T, H, N, D) of any strides; paired is AM flow (frame p against

@@ -283,12 +283,12 @@ class Target(NamedTuple):
         """Skip where unavailable; pin the Triton forward path; return the device."""
         require_backend(self.backend, self.device)
         if self.path is not None:
-            from amflow_kernels.ops import colsum_triton
+            from amflow_kernels.ops import softmax_colsum_tiles, softmax_colsum_triton
 
             resident = self.path == "resident"
             monkeypatch.setattr(
-                colsum_triton, "_prefer_resident",
-                lambda q, programs: resident and colsum_triton.resident_fits(q.shape[-2], q.shape[-1], q.dtype),
+                softmax_colsum_triton, "_prefer_resident",
+                lambda q, programs: resident and softmax_colsum_tiles.resident_fits(q.shape[-2], q.shape[-1], q.dtype),
             )
         return torch.device(self.device)
 

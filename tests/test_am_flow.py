@@ -20,7 +20,7 @@ from helpers import (
 
 import amflow_kernels
 from amflow_kernels import reference
-from amflow_kernels.ops import fused
+from amflow_kernels.ops import registration
 
 
 def _check_against_reference(case, backend, dtype, device):
@@ -128,7 +128,7 @@ def test_opcheck(target):
     backend, device = target
     q, k, _ = make_qk("qkv", 1, 3, 2, 17, 16, torch.float32, device)
     q, k = q.unflatten(0, (1, 3)).detach(), k.unflatten(0, (1, 3)).detach()
-    fwd, bwd = (fused.op("softmax_colsum", backend, direction) for direction in ("fwd", "bwd"))
+    fwd, bwd = (registration.op("softmax_colsum", backend, direction) for direction in ("fwd", "bwd"))
     opcheck_pair(fwd, bwd, q, k, (1, True, 0.25))
 
 
@@ -256,23 +256,23 @@ def test_cuda_extension_loaded():
     installed package and its extension)."""
     if not torch.cuda.is_available():
         pytest.skip(reason="needs a CUDA device; none is present on this machine")
-    from amflow_kernels.ops import cext
+    from amflow_kernels.ops import extension
 
-    assert cext.EXTENSION_ERROR is None, cext.EXTENSION_ERROR
-    assert "cuda" in cext.KERNEL_DEVICES, "amflow_kernels._C was built without CUDA kernels"
+    assert extension.EXTENSION_ERROR is None, extension.EXTENSION_ERROR
+    assert "cuda" in extension.KERNEL_DEVICES, "amflow_kernels._C was built without CUDA kernels"
 
 
 def test_backends_on_cpu(monkeypatch):
     from amflow_kernels import _dispatch
-    from amflow_kernels.ops import cext
+    from amflow_kernels.ops import extension
 
     assert "reference" in amflow_kernels.available_backends("cpu")
     monkeypatch.setattr(_dispatch, "_INTERPRET", False)
     with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run .*TRITON_INTERPRET=1"):
         amflow_kernels.am_flow(torch.zeros(1, 2, 1, 3, 8), torch.zeros(1, 2, 1, 3, 8), backend="triton")
-    if cext.EXTENSION_ERROR is None:
+    if extension.EXTENSION_ERROR is None:
         assert amflow_kernels.available_backends("cpu") == ["reference", "cpu"]
-    monkeypatch.setattr(cext, "EXTENSION_ERROR", "the compiled extension was not built")
+    monkeypatch.setattr(extension, "EXTENSION_ERROR", "the compiled extension was not built")
     assert amflow_kernels.available_backends("cpu") == ["reference"]
     # No fused backend on this device: auto runs the reference.
     q = torch.randn(1, 2, 1, 3, 8, dtype=torch.float64)

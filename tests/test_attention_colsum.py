@@ -18,8 +18,8 @@ from helpers import (
 
 import amflow_kernels
 from amflow_kernels import reference
-from amflow_kernels.ops import fused
-from amflow_kernels.ops.attention_colsum import as_single_frames
+from amflow_kernels._layout import as_single_frames
+from amflow_kernels.ops import registration
 
 # (shape of q, layout). Leading dims of every rank; "qkv" is timm's strided projection view
 # and "transposed" a view whose last stride is not 1.
@@ -123,7 +123,7 @@ def test_opcheck(target):
     backend, device = target
     for layout, shape in (("qkv", (2, 2, 17, 16)), ("contiguous", (9, 16))):
         q, k = (t.detach() for t in _make(shape, layout, torch.float32, device))
-        fwd, bwd = (fused.op("softmax_colsum", backend, direction) for direction in ("fwd", "bwd"))
+        fwd, bwd = (registration.op("softmax_colsum", backend, direction) for direction in ("fwd", "bwd"))
         opcheck_pair(fwd, bwd, as_single_frames(q), as_single_frames(k), (0, False, 0.3))
 
 

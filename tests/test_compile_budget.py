@@ -22,7 +22,7 @@ from test_attention_colsum import _make as make_colsum_inputs
 from triton_compiles import recording
 
 import amflow_kernels
-from amflow_kernels.ops import autotune, colsum_triton, triton_device
+from amflow_kernels.ops import autotune, softmax_colsum_tiles, softmax_colsum_triton, triton_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from workloads import SHAPES, qkv_inputs
@@ -67,8 +67,8 @@ def _smoke_grid(monkeypatch):
 def _bench(monkeypatch):
     """Every Triton launch of the benchmarks' GPU workloads, forward and backward, with the
     forward path an H200 takes (resident only with two programs per multiprocessor)."""
-    monkeypatch.setattr(colsum_triton, "_prefer_resident", lambda q, programs: (
-        colsum_triton.resident_fits(q.shape[-2], q.shape[-1], q.dtype) and programs >= 2 * H200_MULTIPROCESSORS))
+    monkeypatch.setattr(softmax_colsum_triton, "_prefer_resident", lambda q, programs: (
+        softmax_colsum_tiles.resident_fits(q.shape[-2], q.shape[-1], q.dtype) and programs >= 2 * H200_MULTIPROCESSORS))
     for B, T, H, N, D in SHAPES.values():
         q, k, v = qkv_inputs((B, T, H, N, D), "fwd+bwd", "cpu")
         q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v))
@@ -81,10 +81,11 @@ def _fresh_autotuners(monkeypatch, compile_every_candidate: bool):
     """The autotuners with empty caches and an H200's candidates; each candidate that fits is
     launched (so compiled) when ``compile_every_candidate``, as timing them would."""
     for name in AUTOTUNED:
-        kernel = getattr(colsum_triton, name)
+        kernel = getattr(softmax_colsum_triton, name)
         monkeypatch.setattr(kernel, "cache", {})
         resident = name == "colsum_fwd_resident_kernel"
-        configs = colsum_triton.resident_configs(False) if resident else colsum_triton.blocked_configs(False)
+        tiles = softmax_colsum_tiles
+        configs = tiles.resident_configs(False) if resident else tiles.blocked_configs(False)
         monkeypatch.setattr(kernel, "configs", configs)
         if compile_every_candidate:
             monkeypatch.setattr(kernel, "_do_bench", lambda call, quantiles: (call(), [0.0] * len(quantiles))[1])

@@ -39,6 +39,7 @@ from helpers import (
 )
 
 from amflow_kernels import reference
+from amflow_kernels._layout import as_frames
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (build, dtype): the sm_80+ build in every dtype, and the pre-sm_80 build in the dtypes whose
@@ -83,7 +84,7 @@ def _colsum_emulated(emulated, build, q, k, grad, offset, paired, scale, **varia
 def _frames(layout, B, T, H, N, D, dtype):
     """(B, T, H, N, D) q, k in the layout's strides (views, not copies)."""
     q, k, kw = make_qk(layout, B, T, H, N, D, dtype, "cpu")
-    return [reference.as_frames(x.detach(), kw.get("num_frames")) for x in (q, k)]
+    return [as_frames(x.detach(), kw.get("num_frames")) for x in (q, k)]
 
 
 def _check_colsum(emulated, case, paired, build, dtype, **variant):

@@ -27,7 +27,7 @@ from helpers import (
 
 import amflow_kernels
 from amflow_kernels import reference
-from amflow_kernels.ops import fused, linear_attention_triton
+from amflow_kernels.ops import linear_attention_triton, registration
 
 
 def la_params(device: str):
@@ -165,7 +165,7 @@ def test_empty_batch(backend_target):
 def test_opcheck(backend_target):
     backend, device = backend_target
     q, k, v = (t.detach() for t in make_qkv("projection", (2, 3), 37, 37, 16, 24, torch.float32, device))
-    fwd, bwd = (fused.op("linear_attention", backend, direction) for direction in ("fwd", "bwd"))
+    fwd, bwd = (registration.op("linear_attention", backend, direction) for direction in ("fwd", "bwd"))
     for requires_grad in (True, False):
         args = [t.clone().requires_grad_(requires_grad) for t in (q, k, v)]
         torch.library.opcheck(fwd, (*args, 1e-6))

@@ -19,7 +19,8 @@ from triton._C.libtriton import ir
 
 import amflow_kernels
 from amflow_kernels import reference
-from amflow_kernels.ops import autotune, colsum_triton, fused, triton_device
+from amflow_kernels._layout import as_frames
+from amflow_kernels.ops import autotune, registration, softmax_colsum_triton, triton_device
 
 pytestmark = pytest.mark.skipif(not triton_device.INTERPRET, reason="checks of Triton's interpreter (CPU only)")
 
@@ -47,7 +48,7 @@ def test_tf32_on_an_fp32_path_fails(monkeypatch):
     """Planted: colsum's fp32 products as TF32. The interpreter alone computes them exactly."""
     require_backend("triton", "cpu")
     _am_flow_fp32()
-    monkeypatch.setattr(colsum_triton, "input_precision", lambda dtype: "tf32")
+    monkeypatch.setattr(softmax_colsum_triton, "input_precision", lambda dtype: "tf32")
     with pytest.raises(AssertionError, match=r"relative RMS error .* exceeds 1e-05.* \(torch.float32\)"):
         _am_flow_fp32()
 
@@ -68,13 +69,13 @@ def _launches(monkeypatch):
     return launches
 
 
-AUTOTUNED = [colsum_triton.colsum_fwd_resident_kernel, colsum_triton.colsum_fwd_stats_kernel,
-             colsum_triton.colsum_bwd_rowdot_kernel]
+AUTOTUNED = [softmax_colsum_triton.colsum_fwd_resident_kernel, softmax_colsum_triton.colsum_fwd_stats_kernel,
+             softmax_colsum_triton.colsum_bwd_rowdot_kernel]
 PARTNERS = {"colsum_fwd_cols_kernel": "colsum_fwd_stats_kernel", "colsum_bwd_dqk_kernel": "colsum_bwd_rowdot_kernel"}
 
 
 def _partner_mismatches(monkeypatch, module) -> list[str]:
-    """Launch the blocked kernels of ``module`` (colsum_triton or a copy) at several token counts,
+    """Launch the blocked kernels of ``module`` (softmax_colsum_triton or a copy) at several token counts,
     each its own autotune key, and list every partner launched with tiles its partner was not."""
     _random_picks(monkeypatch)
     launches = _launches(monkeypatch)
@@ -115,24 +116,24 @@ def test_random_tiles_match_reference(case, paired, dtype, monkeypatch):
         op = lambda q, k: amflow_kernels.am_flow(q, k, offset=offset, backend="triton", **kw)  # noqa: E731
         ref = lambda q, k: reference.am_flow(q, k, offset=offset, **kw)  # noqa: E731
     else:
-        q, k = (reference.as_frames(x, kw.get("num_frames")).detach().requires_grad_() for x in (q, k))
+        q, k = (as_frames(x, kw.get("num_frames")).detach().requires_grad_() for x in (q, k))
         op = lambda q, k: amflow_kernels.attention_colsum(q, k, backend="triton")  # noqa: E731
         ref = reference.attention_colsum
     check_against_reference(through_autograd(op, q, k), ref, (q, k), ("out", "dq", "dk"))
 
 
 def test_partner_kernels_run_with_their_partners_tiles(monkeypatch):
-    monkeypatch.setattr(colsum_triton, "_prefer_resident", lambda q, programs: False)
-    assert _partner_mismatches(monkeypatch, colsum_triton) == []
+    monkeypatch.setattr(softmax_colsum_triton, "_prefer_resident", lambda q, programs: False)
+    assert _partner_mismatches(monkeypatch, softmax_colsum_triton) == []
 
 
 def test_partner_given_other_tiles_fails(monkeypatch, tmp_path):
-    """Planted in a copy of colsum_triton: the cols kernel launched with the first candidate,
+    """Planted in a copy of softmax_colsum_triton: the cols kernel launched with the first candidate,
     not the stats kernel's pick. With every pick the first, as a plain interpreter makes it,
     the two always agree; with random picks they do not."""
-    source = Path(colsum_triton.__file__).read_text()
+    source = Path(softmax_colsum_triton.__file__).read_text()
     original = "tuned = colsum_fwd_stats_kernel.best_config"
-    assert source.count(original) == 1, f"the planted bug's site is gone from colsum_triton.py: {original!r}"
+    assert source.count(original) == 1, f"the planted bug's site is gone from softmax_colsum_triton.py: {original!r}"
     path = tmp_path / "colsum_triton_planted.py"
     path.write_text(source.replace(original, "tuned = colsum_fwd_stats_kernel.configs[0]"))
     spec = importlib.util.spec_from_file_location("amflow_kernels.ops.colsum_triton_planted", path)
@@ -156,7 +157,11 @@ def test_triton_ops_launch_on_the_inputs_device(monkeypatch):
     current GPU): tested here through the guard's calls; on a machine with two GPUs,
     test_am_flow.py::test_second_gpu runs them on cuda:1."""
     entered = []
-    monkeypatch.setattr(fused, "device_guard", lambda x: entered.append(x.device) or triton_device.device_guard(x))
+    def guard(x):
+        entered.append(x.device)
+        return triton_device.device_guard(x)
+
+    monkeypatch.setattr(registration, "device_guard", guard)
     q, k, _ = make_qk("contiguous", 1, 3, 1, 9, 8, torch.float32, "cpu")
     amflow_kernels.am_flow(q, k, backend="triton").sum().backward()
     amflow_kernels.linear_attention(*make_qkv("contiguous", (1, 1), 9, 9, 8, 8, torch.float32, "cpu"),

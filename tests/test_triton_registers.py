@@ -10,11 +10,12 @@ that the autotuners and launchers can choose to no spill, on the code a launch c
   widest rows that ``resident_registers_fit`` admits it for, per head-dim tile and dtype;
 - colsum, blocked kernels (stats, cols, rowdot, dq, dk): every candidate tile and warp count
   that ``blocked_registers_fit`` admits, per head-dim tile and dtype; where none is left, the
-  smallest, which runs and may spill as much as ``FALLBACK_SPILLS`` lists;
+  fallbacks (``BLOCKED_FALLBACKS``), which run and may spill as much as ``FALLBACK_SPILLS`` lists;
 - linear attention: all five kernels (the state kernel forward and weighted, as the backward
   runs it) at every pair of head-dim tiles 16–128, as the launcher configures them: a program
   holds a D × BLOCK_E slice of the state (``state_slice_width``), not the whole D × Dv state,
-  which spilled at D or Dv = 128 at every tile size tried (up to 2 KB per thread in bf16).
+  which spilled at D or Dv = 128 at every tile size tried (up to 2 KB per thread in bf16), on
+  warps by the slice's size (``launch_config``).
 
 Register allocation grows with a tile, so a config checked at its largest admitted tile holds
 at the smaller ones. Paired (AM flow) only: attention colsum runs the same code with the second
@@ -30,18 +31,19 @@ import torch
 import triton
 from triton_aot import case_id, colsum_case, compile_cases_once, linear_cases
 
-from amflow_kernels.ops import colsum_triton
+from amflow_kernels.ops import softmax_colsum_tiles
 
 ARCHS = (80, 90)
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 BLOCK_DS = (32, 64, 128, 256)
-# The blocked kernels by name: the kernel and the constexprs that select its code.
+# The blocked kernels by name: the kernel, the constexprs that select its code, and the
+# autotuned kernel whose config it runs with.
 BLOCKED_KERNELS = {
-    "stats": ("colsum_fwd_stats_kernel", {}),
-    "cols": ("colsum_fwd_cols_kernel", {}),
-    "rowdot": ("colsum_bwd_rowdot_kernel", {}),
-    "dq": ("colsum_bwd_dqk_kernel", {"FOR_K": False}),
-    "dk": ("colsum_bwd_dqk_kernel", {"FOR_K": True}),
+    "stats": ("colsum_fwd_stats_kernel", {}, "colsum_fwd_stats_kernel"),
+    "cols": ("colsum_fwd_cols_kernel", {}, "colsum_fwd_stats_kernel"),
+    "rowdot": ("colsum_bwd_rowdot_kernel", {}, "colsum_bwd_rowdot_kernel"),
+    "dq": ("colsum_bwd_dqk_kernel", {"FOR_K": False}, "colsum_bwd_rowdot_kernel"),
+    "dk": ("colsum_bwd_dqk_kernel", {"FOR_K": True}, "colsum_bwd_rowdot_kernel"),
 }
 
 
@@ -50,14 +52,14 @@ def _dtypes(block_d: int) -> tuple[str, ...]:
 
 
 def _blocked_fits(cc: int, block_d: int, dtype: str) -> list[tuple[int, int, int]]:
-    return [(bm, bn, w) for bm, bn, w in colsum_triton.BLOCKED_CONFIGS
-            if colsum_triton.blocked_registers_fit(bm, bn, block_d, w, ITEMSIZE[dtype], cc // 10)]
+    return [(bm, bn, w) for bm, bn, w in softmax_colsum_tiles.BLOCKED_CONFIGS
+            if softmax_colsum_tiles.blocked_registers_fit(bm, bn, block_d, w, ITEMSIZE[dtype], cc // 10)]
 
 
 def _widest_resident_rows(block_m: int, block_d: int, num_warps: int, dtype: str) -> int | None:
     itemsize = ITEMSIZE[dtype]
     widths = [2**i for i in range(4, 12)
-              if colsum_triton.resident_registers_fit(block_m, 2**i, block_d, num_warps, itemsize)]
+              if softmax_colsum_tiles.resident_registers_fit(block_m, 2**i, block_d, num_warps, itemsize)]
     return widths[-1] if widths else None
 
 
@@ -66,7 +68,7 @@ RESIDENT_CASES = [
     for cc in ARCHS
     for bd in BLOCK_DS
     for dtype in _dtypes(bd)
-    for bm, warps in colsum_triton.RESIDENT_CONFIGS
+    for bm, warps in softmax_colsum_tiles.RESIDENT_CONFIGS
     if (bn := _widest_resident_rows(bm, bd, warps, dtype)) is not None
 ]
 BLOCKED_CASES = [
@@ -74,13 +76,13 @@ BLOCKED_CASES = [
     for cc in ARCHS
     for bd in BLOCK_DS
     for dtype in _dtypes(bd)
-    for bm, bn, warps in _blocked_fits(cc, bd, dtype) or colsum_triton.BLOCKED_CONFIGS[-1:]
-    for kernel, selectors in BLOCKED_KERNELS.values()
+    for kernel, selectors, tuned in BLOCKED_KERNELS.values()
+    for bm, bn, warps in _blocked_fits(cc, bd, dtype) or [softmax_colsum_tiles.BLOCKED_FALLBACKS[tuned]]
 ]
-# Where no candidate is left, fp32 at D = 256 (and at 128 on sm_90), the smallest tile runs and
-# may spill: the most bytes of spill stores per thread measured over the five kernels (fp32's
+# Where no candidate is left, fp32 at D = 128 and 256, the fallbacks run and may spill: the most
+# bytes of spill stores per thread measured over the five kernels with Triton 3.6 and 3.8 (fp32's
 # products run on FMAs, and a 16 × 16 tile is Triton's smallest). Anything else must not spill.
-FALLBACK_SPILLS = {(90, 128): 16, (90, 256): 28, (80, 256): 0}
+FALLBACK_SPILLS = {(90, 128): 16, (90, 256): 28, (80, 128): 0, (80, 256): 0}
 LINEAR_CASES = linear_cases(ARCHS, _dtypes)
 CASES = RESIDENT_CASES + BLOCKED_CASES + LINEAR_CASES
 
@@ -102,7 +104,7 @@ def usage(session_dir):
 def test_no_register_spills(usage, case):
     result = usage[case_id(case)]
     c = case["constexprs"]
-    fallback = case["kernel"] in {kernel for kernel, _ in BLOCKED_KERNELS.values()} and not _blocked_fits(
+    fallback = case["kernel"] in {kernel for kernel, _, _ in BLOCKED_KERNELS.values()} and not _blocked_fits(
         case["cc"], c["BLOCK_D"], case["dtype"]
     )
     allowed = FALLBACK_SPILLS[(case["cc"], c["BLOCK_D"])] if fallback else 0
@@ -120,5 +122,5 @@ def test_every_head_dim_keeps_a_config(cc):
     for bd in BLOCK_DS:
         assert _blocked_fits(cc, bd, "bfloat16")
         assert _blocked_fits(cc, bd, "float32") or (cc, bd) in FALLBACK_SPILLS
-        assert colsum_triton.resident_fits(64, bd, torch.bfloat16)
-        assert colsum_triton.resident_fits(32, bd, torch.float32)
+        assert softmax_colsum_tiles.resident_fits(64, bd, torch.bfloat16)
+        assert softmax_colsum_tiles.resident_fits(32, bd, torch.float32)

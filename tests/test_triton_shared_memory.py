@@ -7,7 +7,7 @@ bounds by which configs are chosen for the device:
 
 - colsum: the autotuner skips configs that do not fit, but the blocked kernels that run with
   their partner's tuned tiles do not go through it (see
-  ``colsum_triton.blocked_shared_memory_bound``, by which the partners' candidates are pruned).
+  ``softmax_colsum_tiles.blocked_shared_memory_bound``, by which the partners' candidates are pruned).
   The bound holds at the largest tiles the candidates reach, with one stage (more stages
   measured no more, the warp count made no difference); the resident forward's smallest
   candidates fit the smallest sm_80-class GPU (99 KiB per block on sm_86 and sm_89), and so
@@ -23,7 +23,7 @@ import torch
 import triton
 from triton_aot import case_id, colsum_case, compile_cases_once, linear_cases
 
-from amflow_kernels.ops import colsum_triton
+from amflow_kernels.ops import softmax_colsum_tiles
 
 SM86_SHARED_MEMORY = 99 * 1024
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
@@ -37,7 +37,7 @@ BOUND_CASES = [
 ]
 # The resident forward at the widest rows resident_fits allows per head dim.
 def _widest_resident_rows(dtype: str, block_d: int) -> int:
-    return max(2**i for i in range(4, 11) if colsum_triton.resident_fits(2**i, block_d, getattr(torch, dtype)))
+    return max(2**i for i in range(4, 11) if softmax_colsum_tiles.resident_fits(2**i, block_d, getattr(torch, dtype)))
 
 
 FIT_CASES = [
@@ -62,7 +62,9 @@ def shared_memory(session_dir):
 @pytest.mark.parametrize("case", BOUND_CASES, ids=case_id)
 def test_blocked_bound_holds(shared_memory, case):
     c = case["constexprs"]
-    bound = colsum_triton.blocked_shared_memory_bound(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], ITEMSIZE[case["dtype"]])
+    bound = softmax_colsum_tiles.blocked_shared_memory_bound(
+        c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], ITEMSIZE[case["dtype"]]
+    )
     needed = shared_memory[case_id(case)]
     assert needed <= bound, f"needs {needed} bytes of shared memory, above the bound configs are pruned by ({bound})"
 
@@ -70,7 +72,7 @@ def test_blocked_bound_holds(shared_memory, case):
 @pytest.mark.parametrize("dtype", ITEMSIZE)
 def test_smallest_blocked_tiles_fit_sm86(dtype):
     """Every head dim keeps at least the 16 × 16 tiles on an sm_86 GPU."""
-    bound = colsum_triton.blocked_shared_memory_bound(16, 16, colsum_triton.MAX_HEAD_DIM, ITEMSIZE[dtype])
+    bound = softmax_colsum_tiles.blocked_shared_memory_bound(16, 16, softmax_colsum_tiles.MAX_HEAD_DIM, ITEMSIZE[dtype])
     assert bound <= SM86_SHARED_MEMORY
 
 

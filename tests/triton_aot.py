@@ -36,9 +36,9 @@ ALIGNED = [["tt.divisibility", 16]]
 
 
 def _kernel(name: str):
-    from amflow_kernels.ops import colsum_triton, linear_attention_triton
+    from amflow_kernels.ops import linear_attention_triton, softmax_colsum_triton
 
-    kernel = getattr(colsum_triton, name, None) or getattr(linear_attention_triton, name)
+    kernel = getattr(softmax_colsum_triton, name, None) or getattr(linear_attention_triton, name)
     return kernel.fn if isinstance(kernel, triton.runtime.autotuner.Autotuner) else kernel
 
 
@@ -46,11 +46,11 @@ def colsum_case(kernel: str, dtype: str, cc: int, num_warps: int, **constexprs) 
     """A colsum kernel's case, its PRECISION and BLOCK_K the launcher's choice for ``dtype``."""
     import torch
 
-    from amflow_kernels.ops import colsum_triton, triton_device
+    from amflow_kernels.ops import softmax_colsum_tiles, triton_device
 
     torch_dtype = getattr(torch, dtype)
     constexprs = dict(PRECISION=triton_device.input_precision(torch_dtype),
-                      BLOCK_K=colsum_triton.block_k(constexprs["BLOCK_D"], torch_dtype), **constexprs)
+                      BLOCK_K=softmax_colsum_tiles.block_k(constexprs["BLOCK_D"], torch_dtype), **constexprs)
     return dict(kernel=kernel, dtype=dtype, cc=cc, num_warps=num_warps, num_stages=1, constexprs=constexprs)
 
 
@@ -61,7 +61,7 @@ def linear_case(kernel: str, dtype: str, cc: int, block_d: int, block_dv: int, w
     from amflow_kernels.ops import linear_attention_triton as la
 
     block_e = la.state_slice_width(block_d, block_dv)
-    block_n, num_warps, num_stages = la.launch_config()
+    block_n, num_warps, num_stages = la.launch_config(block_d, block_e)
     constexprs = dict(BLOCK_N=block_n,
                       BLOCK_D=block_d, BLOCK_E=block_e, **({"WEIGHTED": weighted} if kernel == "state" else {}))
     return dict(kernel=f"linear_attention_{kernel}_kernel", dtype=dtype, cc=cc, num_warps=num_warps,
@@ -139,8 +139,14 @@ def case_id(case: dict) -> str:
 
 def compile_cases(cases: list[dict], workers: int = 2) -> dict[str, dict]:
     """:func:`resources` of every case by its :func:`case_id`, from ``workers`` compiler
-    processes without TRITON_INTERPRET (the cases dealt out between them)."""
+    processes without TRITON_INTERPRET (the cases dealt out between them), each compiling the
+    kernels of the amflow_kernels this process imported."""
+    import amflow_kernels
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the package this process imported (a checkout or a worktree), not whichever is installed
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(amflow_kernels.__file__).parents[1]),
+                                                      env.get("PYTHONPATH")]))
     procs = [
         subprocess.Popen([sys.executable, str(Path(__file__)), json.dumps(cases[i::workers])], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -4,7 +4,7 @@
 
 for t = 0 … T−1−Δ (eq. 2–3 of the AM Flow paper, "softmax(|X_t − X_{t+1}|)ᵀ · 1"). The
 public function validates and dispatches to the fused ``softmax_colsum`` ops of
-:mod:`amflow_kernels.ops.fused` (paired frames) or to the reference.
+:mod:`amflow_kernels.ops.registration` (paired frames) or to the reference.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from .. import reference
 from .._dispatch import select
 from .._validate import check_am_flow
-from . import fused
+from . import registration
 
 
 def am_flow(
@@ -45,4 +45,4 @@ def am_flow(
     chosen = select("am_flow", backend, q)
     if chosen == "reference":
         return reference.am_flow(q, k, offset=offset, scale=scale)
-    return fused.op("softmax_colsum", chosen)(q, k, offset, True, scale)[0]
+    return registration.op("softmax_colsum", chosen)(q, k, offset, True, scale)[0]

@@ -3,7 +3,7 @@
     colsum[..., j] = Σ_i softmax_j(S)[i, j],   S = scale · Q Kᵀ.
 
 The public function validates, dispatches to the fused ``softmax_colsum`` ops of
-:mod:`amflow_kernels.ops.fused` (unpaired) or to the reference, and maps any leading dims onto
+:mod:`amflow_kernels.ops.registration` (unpaired) or to the reference, and maps any leading dims onto
 the kernels' (B, T, H, N, D) layout (a view unless the leading dims cannot be merged).
 """
 
@@ -13,14 +13,9 @@ import torch
 
 from .. import reference
 from .._dispatch import select
+from .._layout import as_single_frames
 from .._validate import check_attention_colsum
-from . import fused
-
-
-def as_single_frames(x: torch.Tensor) -> torch.Tensor:
-    """(..., N, D) → (A, 1, L, N, D): the last leading dim as heads, the others merged."""
-    heads = x.shape[-3] if x.dim() >= 3 else 1
-    return x.reshape(-1, 1, heads, *x.shape[-2:])
+from . import registration
 
 
 def attention_colsum(
@@ -42,5 +37,5 @@ def attention_colsum(
     chosen = select("attention_colsum", backend, q)
     if chosen == "reference":
         return reference.attention_colsum(q, k, scale=scale)
-    out = fused.op("softmax_colsum", chosen)(as_single_frames(q), as_single_frames(k), 0, False, scale)[0]
+    out = registration.op("softmax_colsum", chosen)(as_single_frames(q), as_single_frames(k), 0, False, scale)[0]
     return out.view(q.shape[:-1])

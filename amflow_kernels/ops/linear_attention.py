@@ -3,7 +3,7 @@
     out_i = φ(q_i)ᵀ (Σ_j φ(k_j) v_jᵀ) / (φ(q_i)ᵀ Σ_j φ(k_j) + eps),    φ(x) = elu(x) + 1.
 
 The public function validates, dispatches to the fused ``linear_attention`` ops of
-:mod:`amflow_kernels.ops.fused` or to the reference, and reshapes any leading dims to
+:mod:`amflow_kernels.ops.registration` or to the reference, and reshapes any leading dims to
 (B, H, N, ·) views. The fused forwards return (out, KV, z), with the fp32 state KV = Σ φ(k) vᵀ
 and z = Σ φ(k) saved for the backward.
 """
@@ -14,18 +14,9 @@ import torch
 
 from .. import reference
 from .._dispatch import select
+from .._layout import as_heads
 from .._validate import check_linear_attention
-from . import fused
-
-
-def _as_heads(x: torch.Tensor) -> torch.Tensor:
-    """(..., N, C) → (B, H, N, C): a view for every layout whose leading dims except the last
-    merge (always for 2–4 dims; timm's permuted qkv views included)."""
-    if x.dim() == 2:
-        return x[None, None]
-    if x.dim() == 3:
-        return x[None]
-    return x.flatten(0, -4) if x.dim() > 4 else x
+from . import registration
 
 
 def linear_attention(
@@ -50,5 +41,5 @@ def linear_attention(
     chosen = select("linear_attention", backend, q, head_dims)
     if chosen == "reference":
         return reference.linear_attention(q, k, v, eps=eps)
-    out = fused.op("linear_attention", chosen)(_as_heads(q), _as_heads(k), _as_heads(v), eps)[0]
+    out = registration.op("linear_attention", chosen)(as_heads(q), as_heads(k), as_heads(v), eps)[0]
     return out.reshape(*q.shape[:-1], v.shape[-1])

@@ -16,8 +16,8 @@ out_i is never formed in the backward: w_i comes from t_i, so a query tile meets
 one product, not two, and the op keeps only KV and z: O(B·H·D·Dv) fp32.
 
 A program holds at most ``STATE_SLICE_ELEMENTS`` of the fp32 state in registers: a D × BLOCK_E
-slice of its Dv columns (all of them up to D·Dv = 64·64), so D or Dv of 128 spills no
-registers. The kernels that sum over tokens into the state take the Dv slices as a grid dim;
+slice of its Dv columns (all of them up to D·Dv = 64·64 and Dv = 2·D), so D or Dv of 128
+spills no registers. The kernels that sum over tokens into the state take the Dv slices as a grid dim;
 those whose products sum over Dv (t_i = KV g_i, dKV v_j) walk the slices in order.
 
 Kernels run on a grid (B·H, chunks[, Dv slices]): a program walks the BLOCK_N-token blocks of
@@ -40,30 +40,38 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_device import unit_stride_last_dim
+from .._layout import unit_stride_last_dim
 
 MAX_HEAD_DIM = 128  # D and Dv
 STATE_SLICE_ELEMENTS = 64 * 64  # of the D × Dv fp32 state, per program
 MAX_SLICE_WIDTH = 64
+# A program's warps, by the elements of its state slice: 4 up to FOUR_WARP_SLICE_ELEMENTS, 8
+# above. Measured with ptxas on sm_80 and sm_90 code of Triton 3.6 (the GPU machine's) and 3.8:
+# 8 warps on the small slices spill 4–12 bytes in the dk, dv kernel under 3.6, 4 warps on
+# 4096-element slices spill 56–550 bytes in both backward kernels, 2 warps spill nearly
+# everywhere; and a slice wider than twice its depth (16 × 64) spills on either warp count.
+FOUR_WARP_SLICE_ELEMENTS = 2048
 
 
 def state_slice_width(block_d: int, block_dv: int) -> int:
     """BLOCK_E, the Dv columns of the state one program holds: all of them up to
-    STATE_SLICE_ELEMENTS and MAX_SLICE_WIDTH columns (wider slices spill in the dk, dv kernel)."""
-    return min(block_dv, MAX_SLICE_WIDTH, max(16, STATE_SLICE_ELEMENTS // block_d))
+    STATE_SLICE_ELEMENTS, MAX_SLICE_WIDTH columns and twice BLOCK_D (wider slices spill in the
+    dk, dv kernel)."""
+    return min(block_dv, MAX_SLICE_WIDTH, 2 * block_d, max(16, STATE_SLICE_ELEMENTS // block_d))
 
 
-def launch_config() -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for every kernel and dtype: 16-token tiles, 8 warps, one
-    stage. Every tile is fp32 on chip (φ(x), the normalised gradients, the state), and every
-    product runs as a true fp32 product (``input_precision="ieee"``, on FMAs): TF32 would
-    truncate those fp32 operands to 10 mantissa bits (fp16 dk then errs by 3.7e-3 relative RMS,
-    twice the suite's tolerance; the CUDA backend uses fp32 FMAs too). With the state slices
-    above, this spills no registers on sm_80 or sm_90 at any head dims and fits a 99 KiB
-    sm_86/sm_89 GPU (tests/test_triton_registers.py, tests/test_triton_shared_memory.py); deeper
-    pipelines spill in the backward's kernels, and Triton does not pipeline the 16-bit loads,
-    which it converts to fp32."""
-    return 16, 8, 1
+def launch_config(block_d: int, block_e: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for every kernel and dtype at a D × BLOCK_E state slice:
+    16-token tiles, 4 or 8 warps (FOUR_WARP_SLICE_ELEMENTS), one stage. Every tile is fp32 on
+    chip (φ(x), the normalised gradients, the state), and every product runs as a true fp32
+    product (``input_precision="ieee"``, on FMAs): TF32 would truncate those fp32 operands to 10
+    mantissa bits (fp16 dk then errs by 3.7e-3 relative RMS, twice the suite's tolerance; the
+    CUDA backend uses fp32 FMAs too). With these slices and warps, no kernel spills registers on
+    sm_80 or sm_90 at any head dims, and each fits a 99 KiB sm_86/sm_89 GPU
+    (tests/test_triton_registers.py, tests/test_triton_shared_memory.py); deeper pipelines spill
+    in the backward's kernels, and Triton does not pipeline the 16-bit loads, which it converts
+    to fp32."""
+    return 16, 4 if block_d * block_e <= FOUR_WARP_SLICE_ELEMENTS else 8, 1
 
 
 @triton.jit
@@ -282,7 +290,7 @@ class _Launch:
         self.block_d = max(16, triton.next_power_of_2(d))
         self.block_e = state_slice_width(self.block_d, max(16, triton.next_power_of_2(dv)))
         self.slices = triton.cdiv(dv, self.block_e)
-        self.block_n, self.num_warps, self.num_stages = launch_config()
+        self.block_n, self.num_warps, self.num_stages = launch_config(self.block_d, self.block_e)
         if q.device.type == "cuda":
             self.target_programs = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
         else:  # the interpreter: a few chunks, so the partial sums are exercised

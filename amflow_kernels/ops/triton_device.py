@@ -1,6 +1,6 @@
 """What the Triton kernels' launches depend on besides the shapes: whether Triton's
 interpreter runs them, how much shared memory a program may take on the device, which device
-is current, and the layout the kernels read."""
+is current."""
 
 from __future__ import annotations
 
@@ -40,9 +40,3 @@ def device_guard(x: torch.Tensor):
     extension). Nothing for CPU tensors."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
-
-def unit_stride_last_dim(x: torch.Tensor) -> torch.Tensor:
-    """x itself when its last dim has unit stride (every layout timm produces, views of a fused
-    qkv included), else a copy. The kernels take no stride for it: their loads of a row are
-    contiguous and vectorise, and what ``tests/triton_aot.py`` compiles is what runs."""
-    return x if x.stride(-1) == 1 else x.contiguous()

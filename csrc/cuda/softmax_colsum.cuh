@@ -7,7 +7,7 @@
 //   ∂L/∂z_ij = sign(z_ij)^[paired]·P_ij·(g_j − c_i),  E_t = ∂L/∂z^(t) − ∂L/∂z^(t−Δ),
 //   dQ_t = scale·E_t K_t,  dK_t = scale·E_tᵀ Q_t.
 //
-// The algorithm is that of the Triton kernels (amflow_kernels/ops/colsum_triton.py): row
+// The algorithm is that of the Triton kernels (amflow_kernels/ops/softmax_colsum_triton.py): row
 // statistics with an online max, then a program per column block for the column sums; a
 // rowdot pass for c (normalised by the recomputed row mass) and the backward's row
 // statistics, then dQ per row block and dK per column block. Every block owns disjoint

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cext
+from . import extension
 from .triton_device import device_guard
 
 TRITON_SUFFIX = "_triton"
@@ -33,10 +33,10 @@ DIFFERENTIABLE_INPUTS = {"softmax_colsum": 2, "linear_attention": 3}
 def softmax_colsum_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, offset: int, paired: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import colsum_triton
+    from . import softmax_colsum_triton
 
     with device_guard(q):
-        return colsum_triton.colsum_fwd(q, k, offset=offset, paired=paired, scale=scale)
+        return softmax_colsum_triton.colsum_fwd(q, k, offset=offset, paired=paired, scale=scale)
 
 
 @torch.library.custom_op("amflow::softmax_colsum_bwd_triton", mutates_args=())
@@ -44,10 +44,10 @@ def softmax_colsum_bwd_triton(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     offset: int, paired: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import colsum_triton
+    from . import softmax_colsum_triton
 
     with device_guard(q):
-        return colsum_triton.colsum_bwd(grad, q, k, stats, offset=offset, paired=paired, scale=scale)
+        return softmax_colsum_triton.colsum_bwd(grad, q, k, stats, offset=offset, paired=paired, scale=scale)
 
 
 @torch.library.custom_op("amflow::linear_attention_fwd_triton", mutates_args=())
@@ -135,5 +135,5 @@ def register(family: str, suffix: str) -> None:
 
 for _family in DIFFERENTIABLE_INPUTS:
     register(_family, TRITON_SUFFIX)
-    if cext.EXTENSION_ERROR is None:
+    if extension.EXTENSION_ERROR is None:
         register(_family, "")

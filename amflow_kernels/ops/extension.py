@@ -1,6 +1,6 @@
 """The compiled extension (csrc/), loaded once: why it cannot be used, if it cannot, and the
 device types it has kernels for. Loading it registers its ``amflow::`` ops (schemas in
-:mod:`amflow_kernels.ops.fused`, which registers their fakes and autograd)."""
+:mod:`amflow_kernels.ops.registration`, which registers their fakes and autograd)."""
 
 from __future__ import annotations
 

@@ -41,138 +41,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune
-from .triton_device import INTERPRET, input_precision, shared_memory_limit, unit_stride_last_dim
+from .._layout import unit_stride_last_dim
+from . import softmax_colsum_tiles as tiles
+from .triton_device import input_precision
 
 LOG2E = tl.constexpr(math.log2(math.e))
-MAX_HEAD_DIM = 256
-# Registers. Triton keeps the fp32 score and accumulator tiles in registers, and with them the
-# operands of a product: on mma.sync (every sm_80 tile, sm_90 tiles under 64 rows) the loaded
-# key tile too, and for fp32 inputs, whose products run on FMAs, whole operand rows per thread
-# (so those products take D in chunks of FP32_BLOCK_K). Past 255 registers a thread spills to
-# local memory on every tile. Bounds in tile elements per thread, by the inputs' element size,
-# measured with ptxas on sm_80 and sm_90 code and held to no spill at every config they admit by
-# tests/test_triton_registers.py:
-# - resident forward: the query and key tiles, (BLOCK_M + BLOCK_N) × BLOCK_D, and the score
-#   tile, BLOCK_M × BLOCK_N ≤ 32. Whole rows stay on chip for N ≤ 256 at D = 64 in 16 bits
-#   (N ≤ 128 in fp32); longer rows take the blocked kernels.
-# - blocked kernels (the dq/dk kernels hold the most: three frames' score tiles, the fp32
-#   accumulator and the other operand of its product): max(BLOCK_M, BLOCK_N) × BLOCK_D +
-#   BLOCK_M × BLOCK_N, by architecture (sm_90's wgmma reads large tiles' keys from shared memory).
-#   Below the bound, ptxas still spills a few bytes in some configs to fit more blocks per SM;
-#   those are excluded by name (OCCUPANCY_SPILLS, and RESIDENT_OCCUPANCY_SPILLS for the resident
-#   forward), as measured with Triton 3.8 and with the GPU machine's 3.6 on sm_90. In fp32 at
-#   D = 256 (and at 128 on sm_90) no
-#   candidate is left: the smallest runs and spills, as the test lists with its measured bytes.
-RESIDENT_INPUT_ELEMENTS_PER_THREAD = {2: 80, 4: 56}
-RESIDENT_SCORE_ELEMENTS_PER_THREAD = 32
-RESIDENT_OCCUPANCY_SPILLS = {  # (itemsize, BLOCK_N, BLOCK_D) → (BLOCK_M, warps) that spill 8 bytes
-    (2, 512, 32): [(16, 8)],
-}
-BLOCKED_TILE_ELEMENTS_PER_THREAD = {8: {2: 40, 4: 18}, 9: {2: 64, 4: 18}}  # by arch, then itemsize
-OCCUPANCY_SPILLS = {  # (arch, itemsize, BLOCK_D) → (BLOCK_M, BLOCK_N, warps) that spill 4–24 bytes
-    (9, 2, 64): [(64, 64, 4)],
-    (9, 2, 128): [(32, 32, 4)],
-    (8, 4, 64): [(16, 16, 4)],
-    (9, 4, 128): [(16, 16, 4)],
-}
-FP32_BLOCK_K = 16
-# Shared memory. A dependent kernel (cols after stats, dq and dk after rowdot) runs with its
-# partner's tuned tiles, so both recompute bitwise-identical scores, outside the autotuner that
-# would skip a config that does not fit; so the partners' candidates are pruned to those whose
-# dependents fit the device's shared memory. The dq/dk kernels need the most: they hold three
-# frames' q (or k) tiles and stream three more. Bound, measured on Triton's sm_80 and sm_90
-# code for these kernels and checked by tests/test_triton_shared_memory.py: bytes per element
-# of the larger q/k tile, max(BLOCK_M, BLOCK_N) × BLOCK_D, by the inputs' element size.
-SHARED_BYTES_PER_TILE_ELEMENT = {2: 18, 4: 24}
-# Candidates: (BLOCK_M, BLOCK_N, warps) of the blocked kernels, largest tiles first and the
-# smallest last; BLOCK_M × warps of the resident forward. Loads are masked pointer loads that
-# Triton does not pipeline, so one stage: more would only multiply the autotuner's compiles.
-BLOCKED_CONFIGS = [(128, 64, 8), (64, 128, 8), (64, 64, 8), (64, 64, 4), (32, 64, 4), (32, 32, 8), (32, 32, 4),
-                   (16, 16, 4)]
-RESIDENT_CONFIGS = [(64, 8), (32, 8), (32, 4), (16, 8), (16, 4)]
-
-
-def blocked_shared_memory_bound(block_m: int, block_n: int, block_d: int, itemsize: int) -> int:
-    """Bytes of shared memory that any blocked kernel needs at most for these tiles."""
-    return max(block_m, block_n) * block_d * SHARED_BYTES_PER_TILE_ELEMENT[itemsize]
-
-
-def register_arch(device: torch.device) -> int:
-    """Which measured register bounds hold for a device: 8 (sm_80 and the other sm_8x) or 9
-    (sm_90 and later, and the interpreter)."""
-    if device.type != "cuda":
-        return 9
-    return 8 if torch.cuda.get_device_capability(device)[0] < 9 else 9
-
-
-def blocked_registers_fit(block_m: int, block_n: int, block_d: int, num_warps: int, itemsize: int,
-                          arch: int) -> bool:
-    """Whether every blocked kernel keeps these tiles in registers without spilling."""
-    if (block_m, block_n, num_warps) in OCCUPANCY_SPILLS.get((arch, itemsize, block_d), ()):
-        return False
-    elements = max(block_m, block_n) * block_d + block_m * block_n
-    return elements <= BLOCKED_TILE_ELEMENTS_PER_THREAD[arch][itemsize] * 32 * num_warps
-
-
-def resident_registers_fit(block_m: int, block_n: int, block_d: int, num_warps: int, itemsize: int) -> bool:
-    """Whether the resident forward keeps its input and score tiles in registers without spilling."""
-    if (block_m, num_warps) in RESIDENT_OCCUPANCY_SPILLS.get((itemsize, block_n, block_d), ()):
-        return False
-    threads = 32 * num_warps
-    return (
-        (block_m + block_n) * block_d <= RESIDENT_INPUT_ELEMENTS_PER_THREAD[itemsize] * threads
-        and block_m * block_n <= RESIDENT_SCORE_ELEMENTS_PER_THREAD * threads
-    )
-
-
-def blocked_configs(interpret: bool = INTERPRET):
-    """Autotune candidates; under the interpreter, where timing means nothing, the largest
-    tiles, the largest fp32 ones and the smallest (for large head dims)."""
-    candidates = [BLOCKED_CONFIGS[0], (32, 32, 8), BLOCKED_CONFIGS[-1]] if interpret else BLOCKED_CONFIGS
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=1) for bm, bn, w in candidates]
-
-
-def _fit_blocked(configs, named_args, **kwargs):
-    """Drop tiles whose blocked kernels would spill registers or overflow the device's shared
-    memory; if none fits, the smallest runs (and Triton reports OutOfResources)."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    q = named_args["Q"]
-    limit, arch = shared_memory_limit(q.device), register_arch(q.device)
-    itemsize = q.element_size()
-    fits = [
-        c for c in configs
-        if blocked_registers_fit(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_warps, itemsize, arch)
-        and blocked_shared_memory_bound(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, itemsize) <= limit
-    ]
-    return fits or configs[-1:]
-
-
-BLOCKED_AUTOTUNE_KEY = ("N", "BLOCK_D", "PAIRED")
-
-
-def _blocked_autotune(kernel: str):
-    """The autotune arguments shared by the blocked (any-N) kernels."""
-    return dict(
-        configs=blocked_configs(),
-        key=list(BLOCKED_AUTOTUNE_KEY),
-        prune_configs_by={"early_config_prune": autotune.choose(_fit_blocked, kernel, BLOCKED_AUTOTUNE_KEY)},
-        do_bench=autotune.do_bench(),
-    )
-
-
-def resident_configs(interpret: bool = INTERPRET):
-    """Autotune candidates; under the interpreter 16 rows on 8 warps, which every resident tile fits."""
-    candidates = [(16, 8)] if interpret else RESIDENT_CONFIGS
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1) for bm, w in candidates]
-
-
-def _fit_resident(configs, named_args, **kwargs):
-    """Keep the configs whose tiles fit the registers (``resident_fits`` made sure one does)."""
-    block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    itemsize = named_args["Q"].element_size()
-    return [c for c in configs if resident_registers_fit(c.kwargs["BLOCK_M"], block_n, block_d, c.num_warps, itemsize)]
 
 
 # --------------------------------------------------------------------------------------
@@ -291,17 +164,7 @@ def _pair_scores(q_a, k_a, q_b, k_b, rows, row_mask, stride_qn, cols, col_mask, 
 # --------------------------------------------------------------------------------------
 
 
-RESIDENT_AUTOTUNE_KEY = ("N", "BLOCK_N", "BLOCK_D", "PAIRED")
-
-
-@triton.autotune(
-    configs=resident_configs(),
-    key=list(RESIDENT_AUTOTUNE_KEY),
-    prune_configs_by={
-        "early_config_prune": autotune.choose(_fit_resident, "colsum_fwd_resident_kernel", RESIDENT_AUTOTUNE_KEY)
-    },
-    do_bench=autotune.do_bench(),
-)
+@triton.autotune(**tiles.resident_autotune("colsum_fwd_resident_kernel"))
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_fwd_resident_kernel(
     Q, K, OUT, STATS,
@@ -341,7 +204,7 @@ def colsum_fwd_resident_kernel(
     tl.store(OUT + pid * N + cols, colsum.to(OUT.dtype.element_ty), mask=col_mask)
 
 
-@triton.autotune(**_blocked_autotune("colsum_fwd_stats_kernel"))
+@triton.autotune(**tiles.blocked_autotune("colsum_fwd_stats_kernel"))
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_fwd_stats_kernel(
     Q, K, STATS,
@@ -412,7 +275,7 @@ def colsum_fwd_cols_kernel(
 # --------------------------------------------------------------------------------------
 
 
-@triton.autotune(**_blocked_autotune("colsum_bwd_rowdot_kernel"))
+@triton.autotune(**tiles.blocked_autotune("colsum_bwd_rowdot_kernel"))
 @triton.jit(do_not_specialize=["N", "offset"])
 def colsum_bwd_rowdot_kernel(
     Q, K, STATS, GRAD, C, STATS_BWD,
@@ -548,29 +411,10 @@ def colsum_bwd_dqk_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _block_d(head_dim: int) -> int:
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"triton backend: head dim must be ≤ {MAX_HEAD_DIM}, got {head_dim}")
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def block_k(head_dim: int, dtype: torch.dtype) -> int:
-    """The chunk of D a score product loads and multiplies at a time: all of it on tensor cores
-    (16-bit inputs), FP32_BLOCK_K on FMAs (fp32)."""
-    block_d = _block_d(head_dim)
-    return min(block_d, FP32_BLOCK_K) if dtype == torch.float32 else block_d
-
-
-def resident_fits(n: int, head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether whole score rows of an (N, D) problem fit on chip for the one-pass forward."""
-    block_n, block_d = max(16, triton.next_power_of_2(n)), _block_d(head_dim)
-    return any(resident_registers_fit(bm, block_n, block_d, w, dtype.itemsize) for bm, w in RESIDENT_CONFIGS)
-
-
 def _prefer_resident(q: torch.Tensor, programs: int) -> bool:
     """One-pass forward when it fits and its B·P·H programs fill the GPU; else two passes."""
     _, _, _, n, d = q.shape
-    if not resident_fits(n, d, q.dtype):
+    if not tiles.resident_fits(n, d, q.dtype):
         return False
     if q.device.type != "cuda":
         return True
@@ -587,7 +431,8 @@ def _shape_args(q, offset, scale, paired):
     _, _, h, n, d = q.shape
     return dict(
         H=h, N=n, D=d, offset=offset if paired else 0, scale=scale,
-        PAIRED=paired, PRECISION=input_precision(q.dtype), BLOCK_D=_block_d(d), BLOCK_K=block_k(d, q.dtype),
+        PAIRED=paired, PRECISION=input_precision(q.dtype),
+        BLOCK_D=tiles.block_d(d), BLOCK_K=tiles.block_k(d, q.dtype),
     )
 
 
