@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import json
+import os
 import platform
 import re
 import subprocess
@@ -71,7 +72,8 @@ def environment() -> dict:
     import amflow_kernels
     from amflow_kernels.ops import autotune
 
-    revision = subprocess.run(
+    # AMFLOW_REVISION: where the checkout's .git is not the tree's (the device machine's copy)
+    revision = os.environ.get("AMFLOW_REVISION") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
     ).stdout.strip()
     return {
@@ -205,6 +207,7 @@ def pytest_sessionfinish(session, exitstatus):
     stem.with_suffix(".json").write_text(json.dumps({**env, "results": RESULTS}, indent=1) + "\n")
     header = (
         f"Device: {env['device']} ({env['cpu_threads']} CPU threads); torch {env['torch']}, "
-        f"triton {env['triton']}, CUDA {env['cuda']}; {env['date']}; rev {env['git_revision']}\n\n"
+        f"triton {env['triton']}, CUDA {env['cuda']}; autotune {env['autotune']}; {env['date']}; "
+        f"rev {env['git_revision']}\n\n"
     )
     stem.with_suffix(".md").write_text(header + markdown_table(RESULTS))

@@ -9,10 +9,14 @@
 #             (AMFLOW_AUTOTUNE=first), stopping at the first failure
 #   sanitize  compute-sanitizer memcheck, racecheck and initcheck on a tiny case of every CUDA kernel
 #   bench     the five ViT shapes, bf16, forward and forward+backward, beside SDPA, the eager
-#             reference and torch.compile; autotuned by timing when 5 minutes are left, else first
+#             reference, torch.compile and flash-colreduce (where carried); one config per
+#             autotune key (AMFLOW_AUTOTUNE=first: 147 s on the H200; timing every config took
+#             over 240 s), AMFLOW_BENCH_AUTOTUNE=time for a call of its own
 #   full      with the time left, the rest of the GPU grids (-m 'gpu and not smoke')
 # Tests run from outside the checkout, so they import the installed package (a source tree on
-# sys.path would shadow it and its extension: every cuda case would skip). What comes back,
+# sys.path would shadow it and its extension: every cuda case would skip). A stage cut off at
+# its limit gets SIGINT first, so pytest still prints which tests failed. AMFLOW_REVISION names
+# the tree in the logs and the bench record (the device's copy of .git may be stale). What comes back,
 # within the device's 8 files: session.log (versions, each stage's status and time), build.log,
 # check.log, tests.log (smoke, then full), sanitize.log, bench.log and the bench results.
 #
@@ -53,7 +57,7 @@ run() {
   if [ "$limit" -lt 20 ]; then say "$stage: skipped, ${limit}s left"; return 0; fi
   local start=$SECONDS
   echo "== $stage: $*" >> "$file"
-  (cd "$work" && timeout --kill-after=10 "$limit" "$@") >> "$file" 2>&1
+  (cd "$work" && timeout --signal=INT --kill-after=15 "$limit" "$@") >> "$file" 2>&1
   local status=$?
   local verdict=ok
   if [ "$status" = 124 ] || [ "$status" = 137 ]; then verdict="timed out after ${limit}s"
@@ -65,7 +69,8 @@ run() {
 
 tests=("$py" -m pytest "$repo/tests" -q -ra -p no:cacheprovider -n "$cores")
 
-say "gpu_session.sh $([ "$dry_run" = 1 ] && echo '--dry-run ')$stages: $(date -u +%FT%TZ), ${cores} cores, limit ${session_seconds}s"
+export AMFLOW_REVISION="${AMFLOW_REVISION:-$(git -C "$repo" rev-parse --short HEAD 2>/dev/null)}"
+say "gpu_session.sh $([ "$dry_run" = 1 ] && echo '--dry-run ')$stages: $(date -u +%FT%TZ), ${cores} cores, limit ${session_seconds}s, revision ${AMFLOW_REVISION:-unknown}"
 "$py" -c 'import platform, torch, triton; print("python", platform.python_version(), "torch", torch.__version__,
   "triton", triton.__version__, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")' \
   2>&1 | tee -a "$log"
@@ -106,9 +111,8 @@ for stage in $stages; do
       ;;
     bench)
       benches=("$repo/bench/bench_am_flow.py" "$repo/bench/bench_attention_colsum.py" "$repo/bench/bench_linear_attention.py")
-      mode=time
-      if [ "$dry_run" = 0 ] && [ "$(left)" -lt 300 ]; then mode=first; fi
-      AMFLOW_AUTOTUNE="$mode" run bench 240 "$out/bench.log" "$py" -m pytest "${benches[@]}" -q -p no:cacheprovider -k cuda
+      mode="${AMFLOW_BENCH_AUTOTUNE:-first}"
+      AMFLOW_AUTOTUNE="$mode" run bench "$([ "$mode" = time ] && echo 420 || echo 240)" "$out/bench.log" "$py" -m pytest "${benches[@]}" -q -p no:cacheprovider -k cuda
       say "bench: autotune $mode"
       cp "$repo"/bench/results/*-partial.* "$out/" 2>/dev/null
       ;;

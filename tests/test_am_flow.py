@@ -14,6 +14,7 @@ from helpers import (
     make_qk,
     opcheck_pair,
     require_backend,
+    score_gradient_scales,
     target_params,
     through_autograd,
 )
@@ -29,6 +30,7 @@ def _check_against_reference(case, backend, dtype, device):
     check_against_reference(
         through_autograd(lambda q, k: amflow_kernels.am_flow(q, k, offset=offset, backend=backend, **kw), q, k),
         lambda q, k: reference.am_flow(q, k, offset=offset, **kw), (q, k), ("flow", "dq", "dk"),
+        term_scales=lambda grad: score_gradient_scales(q, k, grad, D**-0.5),
     )
 
 
@@ -44,6 +46,22 @@ def test_matches_reference_cpu(case, target, dtype, monkeypatch):
 def test_matches_reference_cuda(case, target, dtype, monkeypatch):
     device = target.activate(monkeypatch)
     _check_against_reference(case, target.backend, dtype, device)
+
+
+def test_one_token_gradient_is_zero_to_rounding():
+    """With N = 1 every score gradient cancels (the softmax over one key is 1), so dq is exactly
+    0 in float64 and has no relative error. The H200's Triton backward left ulp-sized terms
+    there (c = Σ P g / Σ P through an approximate division): such a dq must pass, and one
+    wrong by a thousandth of the terms' size must not."""
+    q, k, _ = make_qk("contiguous", 2, 3, 2, 1, 64, torch.float64, "cpu")
+    grad = torch.randn(2, 2, 2, 1, dtype=torch.float64)
+    reference.am_flow(q, k).backward(grad)
+    assert not q.grad.any()
+    term = score_gradient_scales(q, k, grad, 64**-0.5)["dq"]
+    ulps = 2 * torch.finfo(torch.float32).eps * term * torch.rand(q.shape, dtype=torch.float64)
+    assert_close("dq", ulps.float(), q.grad, term_scale=term)
+    with pytest.raises(AssertionError, match="the reference is exactly zero"):
+        assert_close("dq", (1e-3 * term * torch.rand(q.shape, dtype=torch.float64)).float(), q.grad, term_scale=term)
 
 
 def test_invariants(target):

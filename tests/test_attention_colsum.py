@@ -12,6 +12,7 @@ from helpers import (
     gpu_grid_lead,
     large_scores_through_autograd,
     opcheck_pair,
+    score_gradient_scales,
     target_params,
     through_autograd,
 )
@@ -66,6 +67,7 @@ def _check_against_reference(shape, layout, backend, dtype, device):
     check_against_reference(
         through_autograd(lambda q, k: amflow_kernels.attention_colsum(q, k, backend=backend), q, k),
         reference.attention_colsum, (q, k), ("colsum", "dq", "dk"),
+        term_scales=lambda grad: score_gradient_scales(q, k, grad, q.shape[-1] ** -0.5),
     )
 
 
