@@ -10,8 +10,6 @@ rejects the inputs it raises rather than silently running the slow formulas.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
 from .ops.triton_device import INTERPRET as _INTERPRET
@@ -24,28 +22,34 @@ except ImportError as error:  # pragma: no cover - depends on the installation
     _TRITON_ERROR = f"triton is not importable ({error})"
 
 
-# The head-dim limits of the GPU kernels, Triton's and CUDA's alike.
-GPU_KERNEL_MAX_HEAD_DIM = {"am_flow": 256, "attention_colsum": 256, "linear_attention": 128}
+# The kernel family that serves each op, as torch.ops.amflow and csrc/ name them.
+OP_FAMILY = {"am_flow": "softmax_colsum", "attention_colsum": "softmax_colsum", "linear_attention": "linear_attention"}
 
 
 class Backend:
     name = ""
     fused = True
-    dtypes: tuple[torch.dtype, ...] = ()
-    # op → the largest head dim (each of D and Dv) its kernels take; an op not listed: any.
-    max_head_dim: ClassVar[dict[str, int]] = {}
 
     def unavailable(self, device: torch.device) -> str | None:
         return None
 
+    def dtypes(self, op: str) -> tuple[torch.dtype, ...]:
+        """The dtypes this backend's kernels for ``op`` take."""
+        raise NotImplementedError
+
+    def max_head_dim(self, op: str) -> int | None:
+        """The largest head dim (each of D and Dv) its kernels for ``op`` take; None: any."""
+        return None
+
     def not_supported_reasons(self, op: str, q: torch.Tensor, head_dims: dict[str, int]) -> list[str]:
-        reasons = []
         if (why := self.unavailable(q.device)) is not None:
-            reasons.append(why)
-        if q.dtype not in self.dtypes:
-            accepted = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            return [why]
+        reasons = []
+        dtypes = self.dtypes(op)
+        if q.dtype not in dtypes:
+            accepted = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
             reasons.append(f"dtype {q.dtype} is not supported (accepted: {accepted})")
-        limit = self.max_head_dim.get(op)
+        limit = self.max_head_dim(op)
         for name, size in head_dims.items():
             if limit is not None and size > limit:
                 reasons.append(f"{name} {size} exceeds its maximum {limit} for {op}")
@@ -57,11 +61,14 @@ class ReferenceBackend(Backend):
 
     name = "reference"
     fused = False
-    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+    def dtypes(self, op: str) -> tuple[torch.dtype, ...]:
+        return (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class ExtensionBackend(Backend):
-    """Kernels of the compiled extension (csrc/) for one device type."""
+    """Kernels of the compiled extension (csrc/) for one device type; their limits are what
+    the extension reports (csrc/*/kernel_limits.h)."""
 
     device_type = ""
 
@@ -78,28 +85,46 @@ class ExtensionBackend(Backend):
             return "CUDA is not available"
         return None
 
+    def _limits(self) -> dict:
+        from .ops import extension
+
+        return extension.LIMITS.get(self.device_type, {"dtypes": (), "max_head_dim": {}})
+
+    def dtypes(self, op: str) -> tuple[torch.dtype, ...]:
+        return self._limits()["dtypes"]
+
+    def max_head_dim(self, op: str) -> int | None:
+        return self._limits()["max_head_dim"].get(OP_FAMILY[op])
+
 
 class CpuBackend(ExtensionBackend):
     """The compiled extension's fused CPU kernels (csrc/cpu)."""
 
     name = device_type = "cpu"
-    dtypes = (torch.float32, torch.float64)
 
 
 class CudaBackend(ExtensionBackend):
     """The compiled extension's fused CUDA kernels (csrc/cuda)."""
 
     name = device_type = "cuda"
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    max_head_dim = GPU_KERNEL_MAX_HEAD_DIM
 
 
 class TritonBackend(Backend):
-    """Fused Triton kernels (amflow_kernels.ops.softmax_colsum_triton)."""
+    """Fused Triton kernels (amflow_kernels.ops.*_triton), whose modules declare their limits."""
 
     name = "triton"
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    max_head_dim = GPU_KERNEL_MAX_HEAD_DIM
+
+    @staticmethod
+    def _kernels(op: str):
+        from .ops import linear_attention_triton, softmax_colsum_triton
+
+        return {"softmax_colsum": softmax_colsum_triton, "linear_attention": linear_attention_triton}[OP_FAMILY[op]]
+
+    def dtypes(self, op: str) -> tuple[torch.dtype, ...]:
+        return self._kernels(op).DTYPES
+
+    def max_head_dim(self, op: str) -> int | None:
+        return self._kernels(op).MAX_HEAD_DIM
 
     def unavailable(self, device: torch.device) -> str | None:
         if _TRITON_ERROR is not None:

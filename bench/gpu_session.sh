@@ -8,9 +8,10 @@
 #             and backward, on every core (pytest-xdist), one config per autotune key
 #             (AMFLOW_AUTOTUNE=first), stopping at the first failure
 #   sanitize  compute-sanitizer memcheck, racecheck and initcheck on a tiny case of every CUDA kernel
-#   bench     the five ViT shapes, bf16, forward and forward+backward, beside SDPA, the eager
-#             reference, torch.compile and flash-colreduce (where carried); one config per
-#             autotune key (AMFLOW_AUTOTUNE=first: 147 s on the H200; timing every config took
+#   bench     the ops at the five ViT shapes, bf16, forward and forward+backward, beside SDPA,
+#             the eager reference, torch.compile and flash-colreduce (where carried), and the
+#             AM flow model's steps (bench_models.py); one config per autotune key
+#             (AMFLOW_AUTOTUNE=first: the ops took 147 s on the H200; timing every config took
 #             over 240 s), AMFLOW_BENCH_AUTOTUNE=time for a call of its own
 #   full      with the time left, the rest of the GPU grids (-m 'gpu and not smoke')
 # Tests run from outside the checkout, so they import the installed package (a source tree on
@@ -110,9 +111,10 @@ for stage in $stages; do
       fi
       ;;
     bench)
-      benches=("$repo/bench/bench_am_flow.py" "$repo/bench/bench_attention_colsum.py" "$repo/bench/bench_linear_attention.py")
+      benches=("$repo/bench/bench_am_flow.py" "$repo/bench/bench_attention_colsum.py" "$repo/bench/bench_linear_attention.py"
+               "$repo/bench/bench_models.py")
       mode="${AMFLOW_BENCH_AUTOTUNE:-first}"
-      AMFLOW_AUTOTUNE="$mode" run bench "$([ "$mode" = time ] && echo 420 || echo 240)" "$out/bench.log" "$py" -m pytest "${benches[@]}" -q -p no:cacheprovider -k cuda
+      AMFLOW_AUTOTUNE="$mode" run bench "$([ "$mode" = time ] && echo 420 || echo 300)" "$out/bench.log" "$py" -m pytest "${benches[@]}" -q -p no:cacheprovider -k cuda
       say "bench: autotune $mode"
       cp "$repo"/bench/results/*-partial.* "$out/" 2>/dev/null
       ;;

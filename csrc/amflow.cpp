@@ -14,10 +14,43 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/kernel_limits.h"
+#include "cuda/kernel_limits.h"
+
+namespace {
+
+template <size_t N>
+std::string json_list(const char* const (&names)[N]) {
+  std::string list;
+  for (const char* name : names) list += (list.empty() ? "\"" : ", \"") + std::string(name) + "\"";
+  return "[" + list + "]";
+}
+
+// What each device's kernels accept, as JSON: {device: {"dtypes": [...], "max_head_dim": {op family: limit}}},
+// read from the constants the kernels' own checks use.
+PyObject* kernel_limits(PyObject*, PyObject*) {
+  namespace cuda = amflow::cuda::limits;
+  const std::string json =
+      "{\"cpu\": {\"dtypes\": " + json_list(amflow::cpu::limits::kDtypes) + ", \"max_head_dim\": {}}, " +
+      "\"cuda\": {\"dtypes\": " + json_list(cuda::kDtypes) + ", \"max_head_dim\": {\"softmax_colsum\": " +
+      std::to_string(cuda::kSoftmaxColsumMaxHeadDim) +
+      ", \"linear_attention\": " + std::to_string(cuda::kLinearAttentionMaxHeadDim) + "}}}";
+  return PyUnicode_FromString(json.c_str());
+}
+
+PyMethodDef methods[] = {
+    {"kernel_limits", kernel_limits, METH_NOARGS, "What each device's kernels accept, as JSON."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
 // Importing amflow_kernels._C loads this library, which registers the operators.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -8,7 +8,36 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <iterator>
+#include <string>
+
 namespace amflow {
+
+// A dtype as torch names it in Python (torch.float16, ...), as csrc/*/kernel_limits.h list them.
+inline const char* dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    default: return c10::toString(dtype);
+  }
+}
+
+template <size_t N>
+std::string joined(const char* const (&names)[N]) {
+  std::string list;
+  for (const char* name : names) list += (list.empty() ? "" : ", ") + std::string(name);
+  return list;
+}
+
+template <size_t N>
+void check_dtype(const char* op, const char* backend, at::ScalarType dtype, const char* const (&accepted)[N]) {
+  const std::string name = dtype_name(dtype);
+  TORCH_CHECK(std::find(std::begin(accepted), std::end(accepted), name) != std::end(accepted), op, " (", backend,
+              "): q.dtype must be one of ", joined(accepted), ", got ", name);
+}
 
 inline void check_softmax_colsum_inputs(const char* backend, const at::Tensor& q, const at::Tensor& k,
                                         int64_t offset, bool paired) {

@@ -345,7 +345,7 @@ EXTENSION_BAD_INPUTS = [
     ((torch.zeros(1, 3, 2, 4, 8), torch.zeros(1, 3, 2, 4, 8), 3, True), r"T must exceed offset \(3\), got T=3"),
     ((torch.zeros(1, 3, 2, 4, 8), torch.zeros(1, 3, 2, 4, 8), 0, True), r"offset must be ≥ 1, got 0"),
     ((torch.zeros(1, 3, 2, 4, 8, dtype=torch.float16),) * 2 + (1, True),
-     r"q.dtype must be float32 or float64, got Half"),
+     r"q.dtype must be one of float32, float64, got float16"),
 ]
 
 

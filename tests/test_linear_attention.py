@@ -261,7 +261,7 @@ EXTENSION_BAD_INPUTS = [
      r"k.shape must be \(B, H, Nk, D\) matching q"),
     ((torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 5, 8)),
      r"v.shape must be \(B, H, Nk, Dv\) matching k"),
-    ((torch.zeros(1, 2, 4, 8, dtype=torch.float16),) * 3, r"q.dtype must be float32 or float64, got Half"),
+    ((torch.zeros(1, 2, 4, 8, dtype=torch.float16),) * 3, r"q.dtype must be one of float32, float64, got float16"),
 ]
 
 

@@ -1,9 +1,11 @@
-"""The compiled extension (csrc/), loaded once: why it cannot be used, if it cannot, and the
-device types it has kernels for. Loading it registers its ``amflow::`` ops (schemas in
-:mod:`amflow_kernels.ops.registration`, which registers their fakes and autograd)."""
+"""The compiled extension (csrc/), loaded once: why it cannot be used, if it cannot, the
+device types it has kernels for, and what those kernels accept. Loading it registers its
+``amflow::`` ops (schemas in :mod:`amflow_kernels.ops.registration`, which registers their
+fakes and autograd)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -24,11 +26,26 @@ def _extension_error(error: ImportError) -> str:
 
 
 try:
-    from .. import _C  # noqa: F401  (loading the library registers the amflow:: ops)
+    from .. import _C  # loading the library registers the amflow:: ops
 
     EXTENSION_ERROR = None
 except ImportError as error:
     EXTENSION_ERROR = _extension_error(error)
+
+
+def _limits() -> dict[str, dict]:
+    """device type → {"dtypes": (torch dtypes), "max_head_dim": {op family: limit}}, as the
+    extension reports them from the constants its kernels check (csrc/*/kernel_limits.h)."""
+    if EXTENSION_ERROR is not None:
+        return {}
+    reported = json.loads(_C.kernel_limits())
+    return {
+        device: {**limits, "dtypes": tuple(getattr(torch, name) for name in limits["dtypes"])}
+        for device, limits in reported.items()
+    }
+
+
+LIMITS = _limits()
 
 
 # Device types the extension has kernels for, read once: dispatch runs on every call and

@@ -42,6 +42,8 @@ import triton.language as tl
 
 from .._layout import unit_stride_last_dim
 
+# What these kernels accept, read by the dispatcher (amflow_kernels/_dispatch.py).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # D and Dv
 STATE_SLICE_ELEMENTS = 64 * 64  # of the D × Dv fp32 state, per program
 MAX_SLICE_WIDTH = 64

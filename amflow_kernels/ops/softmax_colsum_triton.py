@@ -45,6 +45,10 @@ from .._layout import unit_stride_last_dim
 from . import softmax_colsum_tiles as tiles
 from .triton_device import input_precision
 
+# What these kernels accept, read by the dispatcher (amflow_kernels/_dispatch.py).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = tiles.MAX_HEAD_DIM
+
 LOG2E = tl.constexpr(math.log2(math.e))
 
 

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "kernel_limits.h"
 #include "tasks.h"
 #include "small_gemm.h"
 
@@ -37,8 +38,7 @@ constexpr int64_t kTokenBlock = 32;  // rows of φ per block: 8 KiB of float32 a
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_linear_attention_inputs("cpu", q, k, v);
   TORCH_CHECK(q.device().is_cpu(), "linear_attention (cpu): q must be a CPU tensor, got ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "linear_attention (cpu): q.dtype must be float32 or float64, got ", q.scalar_type());
+  check_dtype("linear_attention", "cpu", q.scalar_type(), cpu::limits::kDtypes);
 }
 
 // Rows of one (b, h) slice of a (B, H, N, C) tensor with a unit last stride.

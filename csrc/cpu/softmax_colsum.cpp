@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "kernel_limits.h"
 #include "tasks.h"
 #include "small_gemm.h"
 
@@ -49,8 +50,7 @@ int64_t row_block(int64_t T, int64_t N) {
 void check_inputs(const at::Tensor& q, const at::Tensor& k, int64_t offset, bool paired) {
   check_softmax_colsum_inputs("cpu", q, k, offset, paired);
   TORCH_CHECK(q.device().is_cpu(), "softmax_colsum (cpu): q must be a CPU tensor, got ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "softmax_colsum (cpu): q.dtype must be float32 or float64, got ", q.scalar_type());
+  check_dtype("softmax_colsum", "cpu", q.scalar_type(), cpu::limits::kDtypes);
 }
 
 // The row helpers below take whole vectors: n is a multiple of Vectorized<scalar_t>::size().

@@ -17,12 +17,10 @@ namespace {
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_linear_attention_inputs("cuda", q, k, v);
   TORCH_CHECK(q.is_cuda(), "linear_attention (cuda): q must be a CUDA tensor, got ", q.device());
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
-              "linear_attention (cuda): q.dtype must be float16, bfloat16 or float32, got ", dtype);
-  TORCH_CHECK(q.size(3) <= cuda::linear::kMaxHeadDim && v.size(3) <= cuda::linear::kMaxHeadDim,
-              "linear_attention (cuda): D and Dv must be ≤ ", cuda::linear::kMaxHeadDim, ", got D=", q.size(3),
-              ", Dv=", v.size(3));
+  check_dtype("linear_attention", "cuda", q.scalar_type(), cuda::limits::kDtypes);
+  constexpr int limit = cuda::limits::kLinearAttentionMaxHeadDim;
+  TORCH_CHECK(q.size(3) <= limit && v.size(3) <= limit, "linear_attention (cuda): D and Dv must be ≤ ", limit,
+              ", got D=", q.size(3), ", Dv=", v.size(3));
 }
 
 void check_launch(cudaError_t error) { C10_CUDA_CHECK(error); }

@@ -26,12 +26,13 @@
 #include <type_traits>
 
 #include "elements.cuh"
+#include "kernel_limits.h"
 
 namespace amflow::cuda::linear {
 
 constexpr int kThreads = 256;
 constexpr int kTokens = 32;       // tokens per tile
-constexpr int kMaxHeadDim = 128;  // D and Dv
+constexpr int kMaxHeadDim = limits::kLinearAttentionMaxHeadDim;  // D and Dv
 // Blocks per SM the kernels are compiled for: an explicit 1 where not stated, since without a
 // minimum ptxas aims its register allocation at more resident blocks and spills
 // (tests/test_cuda_registers.py); two for bwd_q on sm_90 (see there).

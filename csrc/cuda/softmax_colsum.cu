@@ -16,11 +16,9 @@ namespace {
 void check_inputs(const at::Tensor& q, const at::Tensor& k, int64_t offset, bool paired) {
   check_softmax_colsum_inputs("cuda", q, k, offset, paired);
   TORCH_CHECK(q.is_cuda(), "softmax_colsum (cuda): q must be a CUDA tensor, got ", q.device());
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
-              "softmax_colsum (cuda): q.dtype must be float16, bfloat16 or float32, got ", dtype);
-  TORCH_CHECK(q.size(4) <= cuda::kMaxHeadDim, "softmax_colsum (cuda): head dim must be ≤ ", cuda::kMaxHeadDim,
-              ", got ", q.size(4));
+  check_dtype("softmax_colsum", "cuda", q.scalar_type(), cuda::limits::kDtypes);
+  TORCH_CHECK(q.size(4) <= cuda::limits::kSoftmaxColsumMaxHeadDim, "softmax_colsum (cuda): head dim must be ≤ ",
+              cuda::limits::kSoftmaxColsumMaxHeadDim, ", got ", q.size(4));
 }
 
 void check_launch(cudaError_t error) { C10_CUDA_CHECK(error); }

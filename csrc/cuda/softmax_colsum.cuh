@@ -30,13 +30,14 @@
 #include <type_traits>
 
 #include "elements.cuh"
+#include "kernel_limits.h"
 
 namespace amflow::cuda {
 
 constexpr int kTile = 32;                      // rows and columns of a score tile
 constexpr int kThreads = 256;                  // 32 rows × 8 column lanes
 constexpr int kColsPerThread = kTile / 8;      // 4
-constexpr int kMaxHeadDim = 256;
+constexpr int kMaxHeadDim = limits::kSoftmaxColsumMaxHeadDim;
 constexpr int kDimsPerThread = kMaxHeadDim / 8;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kWarps = kThreads / 32;
