@@ -45,6 +45,24 @@ def make_qk(layout: str, B: int, T: int, H: int, N: int, D: int, dtype, device):
     return q.detach().requires_grad_(), k.detach().requires_grad_(), kwargs
 
 
+def make_single_frame_qk(shape, layout: str, dtype, device):
+    """q, k of ``shape`` (..., N, D) for attention_colsum (leaves, requires_grad). contiguous:
+    fresh tensors; qkv: (B, H, N, D) views of timm's fused projection; transposed: views whose
+    last stride is not 1."""
+    *lead, N, D = shape
+    if layout == "contiguous":
+        q, k = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
+    elif layout == "qkv":
+        B, H = lead
+        qkv = torch.randn(B, N, 3 * H * D, device=device, dtype=dtype)
+        q, k, _ = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    elif layout == "transposed":
+        q, k = (torch.randn(*lead, D, N, device=device, dtype=dtype).transpose(-1, -2) for _ in range(2))
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return q.detach().requires_grad_(), k.detach().requires_grad_()
+
+
 def make_qkv(layout, lead, nq, nk, d, dv, dtype, device, scale=1.0):
     """q (*lead, Nq, D), k (*lead, Nk, D), v (*lead, Nk, Dv) as leaf tensors in a layout users pass.
 
@@ -204,27 +222,6 @@ def check_large_scores(fused, paired: bool, dtype: torch.dtype, device) -> None:
     assert_as_accurate_as_pytorch("out", out, ref, lowp[0], ref_rounded)
     assert_as_accurate_as_pytorch("dq", dq, q64.grad, lowp[1], qr.grad)
     assert_as_accurate_as_pytorch("dk", dk, k64.grad, lowp[2], kr.grad)
-
-
-def assert_deterministic(op, q, k, **kwargs) -> None:
-    """Two runs of ``op`` give bitwise-equal outputs and q/k gradients."""
-    runs = []
-    for _ in range(2):
-        q.grad = k.grad = None
-        out = op(q, k, **kwargs)
-        out.backward(torch.ones_like(out).cumsum(-1))
-        runs.append((out, q.grad, k.grad))
-    for first, second in zip(*runs):
-        assert torch.equal(first, second)
-
-
-def opcheck_pair(fwd, bwd, q, k, extra) -> None:
-    """opcheck a forward op (requires_grad on and off) and its backward op."""
-    for requires_grad in (True, False):
-        inputs = (q.clone().requires_grad_(requires_grad), k.clone().requires_grad_(requires_grad))
-        torch.library.opcheck(fwd, (*inputs, *extra))
-    out, stats = fwd(q, k, *extra)
-    torch.library.opcheck(bwd, (torch.randn_like(out), q, k, stats, *extra))
 
 
 def round_scores(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

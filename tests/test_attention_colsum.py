@@ -6,12 +6,11 @@ import pytest
 import torch
 from cases import LARGE_SCORE_TARGETS, gpu_grid_params
 from helpers import (
-    assert_deterministic,
     check_against_reference,
     check_large_scores,
     gpu_grid_lead,
     large_scores_through_autograd,
-    opcheck_pair,
+    make_single_frame_qk,
     score_gradient_scales,
     target_params,
     through_autograd,
@@ -19,8 +18,6 @@ from helpers import (
 
 import amflow_kernels
 from amflow_kernels import reference
-from amflow_kernels._layout import as_single_frames
-from amflow_kernels.ops import registration
 
 # (shape of q, layout). Leading dims of every rank; "qkv" is timm's strided projection view
 # and "transposed" a view whose last stride is not 1.
@@ -44,26 +41,13 @@ GPU_CASES = [
 ]
 
 
-def _make(shape, layout, dtype, device):
-    *lead, N, D = shape
-    if layout == "contiguous":
-        q, k = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
-    elif layout == "qkv":
-        B, H = lead
-        qkv = torch.randn(B, N, 3 * H * D, device=device, dtype=dtype)
-        q, k, _ = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
-    elif layout == "transposed":
-        q, k = (torch.randn(*lead, D, N, device=device, dtype=dtype).transpose(-1, -2) for _ in range(2))
-    return q.detach().requires_grad_(), k.detach().requires_grad_()
-
-
 def _case_id(case):
     shape, layout = case
     return "x".join(map(str, shape)) + f"-{layout}"
 
 
 def _check_against_reference(shape, layout, backend, dtype, device):
-    q, k = _make(shape, layout, dtype, device)
+    q, k = make_single_frame_qk(shape, layout, dtype, device)
     check_against_reference(
         through_autograd(lambda q, k: amflow_kernels.attention_colsum(q, k, backend=backend), q, k),
         reference.attention_colsum, (q, k), ("colsum", "dq", "dk"),
@@ -89,29 +73,10 @@ def test_matches_reference_cuda(case, target, dtype, monkeypatch):
 
 def test_sums_to_n(target):
     backend, device = target
-    q, k = _make((2, 3, 50, 24), "qkv", torch.float32, device)
+    q, k = make_single_frame_qk((2, 3, 50, 24), "qkv", torch.float32, device)
     out = amflow_kernels.attention_colsum(q, k, backend=backend)
     assert (out >= 0).all()
     torch.testing.assert_close(out.sum(-1), torch.full_like(out[..., 0], 50), rtol=1e-5, atol=0)
-
-
-def test_deterministic(target):
-    backend, device = target
-    q, k = _make((2, 3, 70, 32), "qkv", torch.float32, device)
-    assert_deterministic(amflow_kernels.attention_colsum, q, k, backend=backend)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_nan_stays_in_its_slice(target):
-    backend, device = target
-    q, k = _make((3, 2, 21, 16), "contiguous", torch.float32, device)
-    q, k = q.detach().clone(), k.detach().clone()
-    q[1, 0, 4] = float("nan")
-    out = amflow_kernels.attention_colsum(q, k, backend=backend)
-    ref = reference.attention_colsum(q.double(), k.double())
-    assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().any() and not ref.isnan().all()
-    finite = ~ref.isnan()
-    torch.testing.assert_close(out[finite].double(), ref[finite], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("target, dtype", LARGE_SCORE_TARGETS)
@@ -119,34 +84,6 @@ def test_large_scores(target, dtype, monkeypatch):
     device = target.activate(monkeypatch)
     op = large_scores_through_autograd(lambda q, k: amflow_kernels.attention_colsum(q, k, backend=target.backend))
     check_large_scores(op, False, dtype, device)
-
-
-def test_opcheck(target):
-    backend, device = target
-    for layout, shape in (("qkv", (2, 2, 17, 16)), ("contiguous", (9, 16))):
-        q, k = (t.detach() for t in _make(shape, layout, torch.float32, device))
-        fwd, bwd = (registration.op("softmax_colsum", backend, direction) for direction in ("fwd", "bwd"))
-        opcheck_pair(fwd, bwd, as_single_frames(q), as_single_frames(k), (0, False, 0.3))
-
-
-def test_compile_fullgraph(target):
-    backend, device = target
-    torch._dynamo.reset()
-    q, k = _make((2, 2, 17, 16), "qkv", torch.float32, device)
-
-    def loss(q, k):
-        out = amflow_kernels.attention_colsum(q, k, backend=backend)
-        return (out * out).sum(), out
-
-    value, out = torch.compile(loss, fullgraph=True)(q, k)
-    value.backward()
-    dq, dk = q.grad.clone(), k.grad.clone()
-    q.grad = k.grad = None
-    eager_value, eager_out = loss(q, k)
-    eager_value.backward()
-    torch.testing.assert_close(out, eager_out, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dq, q.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dk, k.grad, rtol=1e-5, atol=1e-6)
 
 
 BAD_INPUTS = [

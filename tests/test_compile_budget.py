@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from cases import COLSUM_GPU_CASES, LINEAR_GPU_PARAMS
-from helpers import Target, make_qk, make_qkv
+from helpers import Target, make_qk, make_qkv, make_single_frame_qk
 from test_attention_colsum import GPU_CASES as ATTENTION_COLSUM_GPU_CASES
-from test_attention_colsum import _make as make_colsum_inputs
 from triton_compiles import recording
 
 import amflow_kernels
@@ -54,7 +53,7 @@ def _smoke_grid(monkeypatch):
                 _fwd_bwd(amflow_kernels.am_flow(q, k, offset=offset, backend="triton", **kw))
             for shape, layout in ATTENTION_COLSUM_GPU_CASES:
                 if shape[2] in (17, 261):
-                    _fwd_bwd(amflow_kernels.attention_colsum(*make_colsum_inputs(shape, layout, dtype, "cpu"),
+                    _fwd_bwd(amflow_kernels.attention_colsum(*make_single_frame_qk(shape, layout, dtype, "cpu"),
                                                              backend="triton"))
     for dtype in GPU_DTYPES:
         for param in LINEAR_GPU_PARAMS:

@@ -1,9 +1,11 @@
-"""Each fused backend's declared limits, which the dispatcher reads (amflow_kernels/_dispatch.py),
-are exactly what its kernels accept: the extension's as it reports them from the constants its
-own checks use (csrc/*/kernel_limits.h), Triton's as its kernel modules declare them. At a
-head-dim limit the kernels run and one past it they refuse; the extension's kernels take
-every dtype they declare and refuse every other. (Triton's dtypes are the dispatcher's to
-enforce: its launchers take what tl.dot takes.)"""
+"""Backend choice: which backends exist on a device, that ``auto`` never falls back silently,
+that a GPU machine has the compiled cuda backend, and that each fused backend's declared limits,
+which the dispatcher reads (amflow_kernels/_dispatch.py), are exactly what its kernels accept:
+the extension's as it reports them from the constants its own checks use
+(csrc/*/kernel_limits.h), Triton's as its kernel modules declare them. At a head-dim limit the
+kernels run and one past it they refuse; the extension's kernels take every dtype they declare
+and refuse every other. (Triton's dtypes are the dispatcher's to enforce: its launchers take
+what tl.dot takes.)"""
 
 from __future__ import annotations
 
@@ -11,7 +13,49 @@ import pytest
 import torch
 from helpers import require_backend
 
+import amflow_kernels
+from amflow_kernels import reference
 from amflow_kernels._dispatch import BACKENDS
+
+
+def test_auto_refuses_silent_fallback(target):
+    """Where fused backends exist but all reject the inputs, auto raises instead of using the reference."""
+    _, device = target
+    q = torch.zeros(1, 3, 2, 4, 300, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match=rf"no fused backend on {device.type} accepts .*backend='reference'"):
+        amflow_kernels.am_flow(q, q)
+
+
+def test_backends_on_cpu(monkeypatch):
+    from amflow_kernels import _dispatch
+    from amflow_kernels.ops import extension
+
+    assert "reference" in amflow_kernels.available_backends("cpu")
+    monkeypatch.setattr(_dispatch, "_INTERPRET", False)
+    with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run .*TRITON_INTERPRET=1"):
+        amflow_kernels.am_flow(torch.zeros(1, 2, 1, 3, 8), torch.zeros(1, 2, 1, 3, 8), backend="triton")
+    if extension.EXTENSION_ERROR is None:
+        assert amflow_kernels.available_backends("cpu") == ["reference", "cpu"]
+    monkeypatch.setattr(extension, "EXTENSION_ERROR", "the compiled extension was not built")
+    assert amflow_kernels.available_backends("cpu") == ["reference"]
+    # No fused backend on this device: auto runs the reference.
+    q = torch.randn(1, 2, 1, 3, 8, dtype=torch.float64)
+    torch.testing.assert_close(amflow_kernels.am_flow(q, q), reference.am_flow(q, q))
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_cuda_extension_loaded():
+    """Where CUDA is available the compiled cuda backend must be too, so that a GPU run can
+    never skip every ``cuda`` case quietly (as it did from a source checkout, which shadows the
+    installed package and its extension)."""
+    if not torch.cuda.is_available():
+        pytest.skip(reason="needs a CUDA device; none is present on this machine")
+    from amflow_kernels.ops import extension
+
+    assert extension.EXTENSION_ERROR is None, extension.EXTENSION_ERROR
+    assert "cuda" in extension.KERNEL_DEVICES, "amflow_kernels._C was built without CUDA kernels"
+
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 EXTENSION_DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
