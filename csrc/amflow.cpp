@@ -16,6 +16,7 @@
 
 #include <string>
 
+#include "checks.h"
 #include "cpu/kernel_limits.h"
 #include "cuda/kernel_limits.h"
 
@@ -23,9 +24,7 @@ namespace {
 
 template <size_t N>
 std::string json_list(const char* const (&names)[N]) {
-  std::string list;
-  for (const char* name : names) list += (list.empty() ? "\"" : ", \"") + std::string(name) + "\"";
-  return "[" + list + "]";
+  return "[" + amflow::joined(names, "\"") + "]";
 }
 
 // What each device's kernels accept, as JSON: {device: {"dtypes": [...], "max_head_dim": {op family: limit}}},

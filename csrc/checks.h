@@ -25,10 +25,11 @@ inline const char* dtype_name(at::ScalarType dtype) {
   }
 }
 
+// "a, b, c", each name between ``quote``s.
 template <size_t N>
-std::string joined(const char* const (&names)[N]) {
+std::string joined(const char* const (&names)[N], const std::string& quote = "") {
   std::string list;
-  for (const char* name : names) list += (list.empty() ? "" : ", ") + std::string(name);
+  for (const char* name : names) list += (list.empty() ? "" : ", ") + quote + name + quote;
   return list;
 }
 
