@@ -17,8 +17,8 @@ one product, not two, and the op keeps only KV and z: O(B·H·D·Dv) fp32.
 
 A program holds at most ``STATE_SLICE_ELEMENTS`` of the fp32 state in registers: a D × BLOCK_E
 slice of its Dv columns (all of them up to D·Dv = 64·64 and Dv = 2·D), so D or Dv of 128
-spills no registers. The kernels that sum over tokens into the state take the Dv slices as a grid dim;
-those whose products sum over Dv (t_i = KV g_i, dKV v_j) walk the slices in order.
+spills no registers. The kernels that sum over tokens into the state take the Dv slices as a
+grid dim; those whose products sum over Dv (t_i = KV g_i, dKV v_j) walk the slices in order.
 
 Kernels run on a grid (B·H, chunks[, Dv slices]): a program walks the BLOCK_N-token blocks of
 one contiguous chunk of tokens, so short sequences of many heads and long sequences of few
