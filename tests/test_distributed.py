@@ -219,7 +219,7 @@ def test_resume_refuses_another_run(runs, tmp_path, capsys):
     assert "run global_batch: 6 in the checkpoint, 3 now" in error and "2 process(es) × --batch-size 3" in error
     assert main([*args[:-1], "--adapter-dim", "16", "--lr", "0.01", "--batch-size", "6", "--resume"]) == 2
     error = capsys.readouterr().err
-    assert "model adapter_dim: 8 in the checkpoint, 16 now" in error and "run lr: 0.001 in the checkpoint" in error
+    assert "model adapter_dim: 8 in the checkpoint, 16 now" in error and "train lr: 0.001 in the checkpoint" in error
 
 
 def test_samplers_split_steps_and_shards_as_documented():

@@ -1,12 +1,14 @@
 """The papers' presets: each builds the model its paper describes (on a tiny 12-block ViT, as the
-real backbones cannot load here), and flags given on the command line override a preset."""
+real backbones cannot load here), and flags given on the command line override a preset; without
+a preset, ``amflow train``'s flags default to the configs' own fields."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from amflow_models import AMFlowVideoModel, ZeroI2V, build_model, parameter_report
-from amflow_models.cli import build_parser, main, model_config
+from amflow_models import AMFlowVideoModel, ModelConfig, TrainConfig, ZeroI2V, build_model, parameter_report
+from amflow_models.cli import build_parser, data_config, main, model_config, train_config
+from amflow_models.data.loader import DataConfig
 from amflow_models.presets import PRESETS
 
 # 12 blocks, as ViT-B, so that block numbers like AM/2(1,12) mean what they mean on the real backbone
@@ -53,6 +55,26 @@ def test_flags_given_override_the_preset():
     assert (args.num_frames, args.lr, args.batch_size, args.label_smoothing) == (12, 1e-4, 64, 0.1)
     plain = build_parser().parse_args(["train", *REQUIRED])
     assert (plain.num_frames, plain.lr, plain.label_smoothing, plain.variant) == (8, 1e-3, 0.0, "vanilla")
+
+
+def test_train_flags_default_to_the_configs_fields():
+    plain = build_parser().parse_args(["train", *REQUIRED])
+    assert model_config(plain, 5) == ModelConfig(num_classes=5)
+    assert data_config(plain) == DataConfig(train_list="train.txt", val_list="val.txt")
+    assert train_config(plain) == TrainConfig()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--epochs", "0"], "epochs must be ≥ 1, got 0"),
+    (["--val-clips", "0", "--max-bad-clips", "-1"], "val_clips must be ≥ 1, got 0; max_bad_clips must be ≥ 0, got -1"),
+    (["--lr", "0"], "lr must be > 0, got 0.0"),
+    (["--label-smoothing", "1"], r"label_smoothing must be in \[0, 1\), got 1.0"),
+])
+def test_train_settings_out_of_range_are_refused_naming_each(flags, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        train_config(build_parser().parse_args(["train", *REQUIRED, *flags]))
+    assert main(["train", *REQUIRED, *flags]) == 2
+    assert message.replace("\\", "") in capsys.readouterr().err
 
 
 def test_presets_command_lists_and_describes(capsys):

@@ -13,9 +13,10 @@ from amflow_kernels.nn import set_backend
 from .backbone import create_backbone
 from .build import ModelConfig, build_model, format_report, parameter_report
 from .model import AMFlowVideoModel
+from .train_config import TrainConfig
 from .zeroi2v import ZeroI2V
 
 __all__ = [
-    "AMFlowVideoModel", "ModelConfig", "ZeroI2V", "build_model", "create_backbone", "format_report",
-    "parameter_report", "set_backend",
+    "AMFlowVideoModel", "ModelConfig", "TrainConfig", "ZeroI2V", "build_model", "create_backbone",
+    "format_report", "parameter_report", "set_backend",
 ]

@@ -8,19 +8,32 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
+from amflow_kernels._dispatch import ACCEPTED as KERNEL_BACKENDS
+
+from .adapters import ACTIVATIONS
 from .build import VARIANTS, ModelConfig, format_report, parameter_report
+from .data.annotations import FORMATS
+from .data.dataset import SAMPLINGS
+from .data.loader import DataConfig
 from .data.synthetic import CAMERAS, TASKS
-from .demo import DEFAULT_VARIANTS
 from .demo import VARIANTS as DEMO_VARIANTS
+from .demo import run_demo
 from .distributed import DIST_BACKENDS
 from .flow import FLOW_NORMS
 from .presets import PRESETS
 from .tpm import TPM_KINDS
+from .train_config import SELECT_BY, VAL_CROPS, TrainConfig
+
+# the defaults of the flags: amflow train's are the configs' own, amflow demo's run_demo's
+MODEL, DATA, TRAIN = ModelConfig(num_classes=1), DataConfig(), TrainConfig()
+DEMO = {name: p.default for name, p in inspect.signature(run_demo).parameters.items()}
 
 
 def _integers(example: str):
@@ -65,7 +78,7 @@ def _backbone_arg(text: str) -> tuple[str, object]:
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=8,
+    parser.add_argument("--batch-size", type=int, default=TRAIN.batch_size,
                         help="clips per step in each process: under torchrun the global batch is processes × this, "
                         "and nothing is scaled for it (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2,
@@ -76,7 +89,7 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dist-backend", default="auto", choices=DIST_BACKENDS,
                         help="torch.distributed backend under torchrun; auto: nccl on GPUs, gloo on CPU "
                         "(default: %(default)s)")
-    parser.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"],
+    parser.add_argument("--backend", default=None, choices=KERNEL_BACKENDS,
                         help="amflow_kernels backend inside the model (reference: the unfused PyTorch ops; "
                         "default: auto, or the checkpoint's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -108,26 +121,29 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                        "given; `amflow presets` lists them")
     train.add_argument("--train-list", required=True, help="annotation file of the training clips")
     train.add_argument("--val-list", required=True, help="annotation file of the validation clips")
-    train.add_argument("--format", default="list", choices=["list", "kinetics", "ssv2"],
+    train.add_argument("--format", default=DATA.format, choices=FORMATS,
                        help="annotation format: 'path label' lines, Kinetics CSV or SSv2 JSON (default: %(default)s)")
-    train.add_argument("--root", default=".", help="folder the annotation paths are relative to (default: %(default)s)")
+    train.add_argument("--root", default=DATA.root,
+                       help="folder the annotation paths are relative to (default: %(default)s)")
     train.add_argument("--labels-file", help="class names: one per line (list, kinetics) or SSv2's labels.json")
     train.add_argument("--skip-missing", action="store_true", help="drop listed clips that do not exist")
-    train.add_argument("--num-frames", type=int, default=8, help="frames sampled per clip (default: %(default)s)")
-    train.add_argument("--sampling", default="uniform", choices=["uniform", "dense"],
+    train.add_argument("--num-frames", type=int, default=DATA.num_frames,
+                       help="frames sampled per clip (default: %(default)s)")
+    train.add_argument("--sampling", default=DATA.sampling, choices=SAMPLINGS,
                        help="frames spread over the video, or consecutive at --frame-interval (default: %(default)s)")
-    train.add_argument("--frame-interval", type=int, default=1, help="for dense sampling (default: %(default)s)")
+    train.add_argument("--frame-interval", type=int, default=DATA.frame_interval,
+                       help="for dense sampling (default: %(default)s)")
     train.add_argument("--image-size", type=int, help="default: the backbone's")
-    train.add_argument("--min-scale", type=float, default=0.4,
+    train.add_argument("--min-scale", type=float, default=DATA.min_scale,
                        help="smallest area fraction of the training crop (default: %(default)s)")
     train.add_argument("--no-flip", action="store_true", help="no horizontal flips in training")
     train.add_argument("--rand-augment", type=_rand_augment, metavar="mM-nN",
                        help="RandAugment of training clips, the same ops on every frame, e.g. m7-n4 (ZeroI2V's "
                        "recipe); default: none")
-    train.add_argument("--random-erasing", type=float, default=0.0,
+    train.add_argument("--random-erasing", type=float, default=DATA.random_erasing,
                        help="probability of erasing a box, the same on every frame, of a training clip; ZeroI2V's "
                        "recipe uses 0.25 (default: %(default)s)")
-    train.add_argument("--backbone", default="vit_base_patch14_dinov2.lvd142m",
+    train.add_argument("--backbone", default=MODEL.backbone,
                        help="a timm ViT name, tag allowed; the default is the papers' DINOv2 ViT-B/14 (default: "
                        "%(default)s)")
     weights = train.add_mutually_exclusive_group()
@@ -140,13 +156,13 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     train.add_argument("--backbone-arg", type=_backbone_arg, action="append", default=[], metavar="KEY=VALUE",
                        help="more timm.create_model arguments, e.g. depth=6 (repeatable; img_size=224 unless "
                        "given)")
-    train.add_argument("--variant", default="vanilla", choices=VARIANTS,
+    train.add_argument("--variant", default=MODEL.variant, choices=VARIANTS,
                        help="AM flow variant, none (adapters only) or the ZeroI2V baseline (default: %(default)s)")
-    train.add_argument("--tpm", default="lstm", choices=TPM_KINDS,
+    train.add_argument("--tpm", default=MODEL.tpm, choices=TPM_KINDS,
                        help="temporal processing module (default: %(default)s)")
     train.add_argument("--adapter-dim", type=int,
                        help="adapter bottleneck width (default: 64; zeroi2v: a quarter of the token width)")
-    train.add_argument("--adapter-activation", default="relu", choices=["relu", "gelu"],
+    train.add_argument("--adapter-activation", default=MODEL.adapter_activation, choices=list(ACTIVATIONS),
                        help="the adapters' activation; relu is the papers' eq. 6 (default: %(default)s)")
     train.add_argument("--adapter-blocks", type=_integers("1,12"), help="1-based, e.g. 1,12 (default: all)")
     train.add_argument("--flow-blocks", type=_integers("1,12"),
@@ -157,36 +173,39 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     train.add_argument("--temporal-heads", type=_integers("-1,1,2"), metavar="OFFSETS",
                        help="zeroi2v: STDHA's frame offset of heads 0, 1, …, e.g. --temporal-heads=-1,1,-2,2,3 "
                        "(default: -1,1 per 8 heads)")
-    train.add_argument("--offset", type=int, default=1, help="frame distance of AM flow (default: %(default)s)")
-    train.add_argument("--aligner-dim", type=int, default=96,
+    train.add_argument("--offset", type=int, default=MODEL.offset,
+                       help="frame distance of AM flow (default: %(default)s)")
+    train.add_argument("--aligner-dim", type=int, default=MODEL.aligner_dim,
                        help="aligning encoder width, aligned variant (default: %(default)s)")
-    train.add_argument("--aligner-depth", type=int, default=1, help="aligning encoder layers (default: %(default)s)")
-    train.add_argument("--flow-norm", default="none", choices=list(FLOW_NORMS),
+    train.add_argument("--aligner-depth", type=int, default=MODEL.aligner_depth,
+                       help="aligning encoder layers (default: %(default)s)")
+    train.add_argument("--flow-norm", default=MODEL.flow_norm, choices=list(FLOW_NORMS),
                        help="AM flow as the adapters get it: none = the papers' scale, clip = each channel "
                             "standardised per clip (default: %(default)s)")
     train.add_argument("--flow-only", action="store_true",
                        help="diagnostic: the MHSA adapters read the AM flow alone, logits from their TPMs only")
-    train.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
-    train.add_argument("--lr", type=float, default=1e-3,
+    train.add_argument("--epochs", type=int, default=TRAIN.epochs, help="training epochs (default: %(default)s)")
+    train.add_argument("--lr", type=float, default=TRAIN.lr,
                        help="AdamW peak learning rate, cosine schedule (default: %(default)s)")
-    train.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
-    train.add_argument("--label-smoothing", type=float, default=0.0,
+    train.add_argument("--weight-decay", type=float, default=TRAIN.weight_decay,
+                       help="AdamW weight decay (default: %(default)s)")
+    train.add_argument("--label-smoothing", type=float, default=TRAIN.label_smoothing,
                        help="of the training cross-entropy; ZeroI2V's recipe uses 0.1 (default: %(default)s)")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
-    train.add_argument("--val-clips", type=int, default=1,
+    train.add_argument("--val-clips", type=int, default=TRAIN.val_clips,
                        help="temporal clips per validation video, for best.pt by the test protocol (default: "
                        "%(default)s)")
-    train.add_argument("--val-crops", type=int, default=1, choices=[1, 3],
+    train.add_argument("--val-crops", type=int, default=TRAIN.val_crops, choices=VAL_CROPS,
                        help="spatial crops per validation clip (default: %(default)s)")
-    train.add_argument("--select-by", default="top1", choices=["top1", "mean_class_accuracy"],
+    train.add_argument("--select-by", default=TRAIN.select_by, choices=SELECT_BY,
                        help="the validation metric best.pt is chosen by (default: %(default)s)")
     train.add_argument("--resume", action="store_true",
                        help="continue from OUT/last.pt exactly where it stopped (after an epoch, or mid-epoch on "
                        "SIGTERM); same settings and global batch")
-    train.add_argument("--max-bad-clips", type=int, default=10,
+    train.add_argument("--max-bad-clips", type=int, default=TRAIN.max_bad_clips,
                        help="unreadable training clips tolerated (each logged and replaced by another clip) before "
                        "the run stops with their list (default: %(default)s)")
-    train.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=TRAIN.seed, help="random seed (default: %(default)s)")
     train.add_argument("--out", required=True, help="folder for checkpoints and metrics.jsonl")
     _add_runtime(train)
 
@@ -194,7 +213,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", help="a best.pt or last.pt written by amflow train")
     evaluate.add_argument("--list", help="annotation file (default: the checkpoint's val list)")
     evaluate.add_argument("--clips", type=int, default=1, help="temporal clips per video (default: %(default)s)")
-    evaluate.add_argument("--crops", type=int, default=1, choices=[1, 3],
+    evaluate.add_argument("--crops", type=int, default=1, choices=VAL_CROPS,
                           help="spatial crops per clip (default: %(default)s)")
     evaluate.add_argument("--json", help="write the metrics here")
     _add_runtime(evaluate)
@@ -204,7 +223,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     visualize.add_argument("video", help="a video file or a folder of frames")
     visualize.add_argument("--out", default="amflow.png", help="PNG to write (default: %(default)s)")
     visualize.add_argument("--num-frames", type=int, help="default: the checkpoint's")
-    visualize.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "cuda", "cpu"],
+    visualize.add_argument("--backend", default=None, choices=KERNEL_BACKENDS,
                            help="amflow_kernels backend inside the model (default: the checkpoint's)")
 
     presets = commands.add_parser("presets", help="the papers' configurations for train --preset")
@@ -213,31 +232,35 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="synthetic data → image model → video models, compared over seeds "
                                             "in both camera settings")
-    demo.add_argument("--out", default="amflow-demo",
+    demo.add_argument("--out", default=DEMO["out"],
                       help="folder for data, checkpoints and plots (default: %(default)s)")
-    demo.add_argument("--seeds", type=int, default=1,
+    demo.add_argument("--seeds", type=int, default=DEMO["seeds"],
                       help="seeds 0..N-1, each a new dataset, image model and initialisation; the table gives "
                            "mean ± std over them (default: %(default)s)")
-    demo.add_argument("--cameras", type=_names(CAMERAS), default=list(CAMERAS),
+    demo.add_argument("--cameras", type=_names(CAMERAS), default=list(DEMO["cameras"]),
                       help=f"camera settings, comma-separated, of {', '.join(CAMERAS)} (default: both)")
-    demo.add_argument("--variants", type=_names(DEMO_VARIANTS), default=list(DEFAULT_VARIANTS),
+    demo.add_argument("--variants", type=_names(DEMO_VARIANTS), default=list(DEMO["variants"]),
                       help=f"variants, comma-separated, of {', '.join(DEMO_VARIANTS)} "
-                           f"(default: {','.join(DEFAULT_VARIANTS)})")
-    demo.add_argument("--task", default="which", choices=list(TASKS),
+                           f"(default: {','.join(DEMO['variants'])})")
+    demo.add_argument("--task", default=DEMO["task"], choices=list(TASKS),
                       help="which: which shape moves and how; direction: how one shape moves (default: %(default)s)")
-    demo.add_argument("--epochs", type=int, default=8, help="epochs of each video model (default: %(default)s)")
-    demo.add_argument("--lr", type=float, default=1e-2,
+    demo.add_argument("--epochs", type=int, default=DEMO["epochs"],
+                      help="epochs of each video model (default: %(default)s)")
+    demo.add_argument("--lr", type=float, default=DEMO["lr"],
                       help="learning rate of every video model (default: %(default)s)")
-    demo.add_argument("--flow-norm", default="clip", choices=list(FLOW_NORMS),
+    demo.add_argument("--flow-norm", default=DEMO["flow_norm"], choices=list(FLOW_NORMS),
                       help="AM flow as the adapters get it: clip = standardised per clip, none = the papers' scale "
                            "(default: %(default)s)")
-    demo.add_argument("--image-epochs", type=int, default=10, help="epochs of the image model (default: %(default)s)")
-    demo.add_argument("--train-per-class", type=int, default=60,
+    demo.add_argument("--image-epochs", type=int, default=DEMO["image_epochs"],
+                      help="epochs of the image model (default: %(default)s)")
+    demo.add_argument("--train-per-class", type=int, default=DEMO["train_per_class"],
                       help="training clips per class (default: %(default)s)")
-    demo.add_argument("--val-per-class", type=int, default=20, help="validation clips per class (default: %(default)s)")
-    demo.add_argument("--tpm", default="lstm", choices=TPM_KINDS,
+    demo.add_argument("--val-per-class", type=int, default=DEMO["val_per_class"],
+                      help="validation clips per class (default: %(default)s)")
+    demo.add_argument("--tpm", default=DEMO["tpm"], choices=TPM_KINDS,
                       help="temporal processing module (default: %(default)s)")
-    demo.add_argument("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
+    demo.add_argument("--workers", type=int, default=DEMO["workers"],
+                      help="data loader processes (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     if train_defaults:
         train.set_defaults(**train_defaults)
@@ -248,18 +271,33 @@ def model_config(args: argparse.Namespace, num_classes: int) -> ModelConfig:
     """The ``ModelConfig`` of ``amflow train``'s parsed arguments."""
     return ModelConfig(
         num_classes=num_classes, backbone=args.backbone, pretrained=args.pretrained,
-        checkpoint_path=args.checkpoint_path, backbone_kwargs={"img_size": 224, **dict(args.backbone_arg)},
+        checkpoint_path=args.checkpoint_path, backbone_kwargs={**MODEL.backbone_kwargs, **dict(args.backbone_arg)},
         variant=args.variant, tpm=args.tpm, adapter_dim=args.adapter_dim, adapter_activation=args.adapter_activation,
         adapter_blocks=args.adapter_blocks, flow_blocks=args.flow_blocks, tpm_blocks=args.tpm_blocks,
-        temporal_heads=args.temporal_heads, offset=args.offset, max_frames=max(32, args.num_frames),
+        temporal_heads=args.temporal_heads, offset=args.offset, max_frames=max(MODEL.max_frames, args.num_frames),
         aligner_dim=args.aligner_dim, aligner_depth=args.aligner_depth, flow_norm=args.flow_norm,
         flow_only=args.flow_only, backend=args.backend or "auto",
     )
 
 
+def data_config(args: argparse.Namespace) -> DataConfig:
+    """The ``DataConfig`` of ``amflow train``'s parsed arguments."""
+    return DataConfig(
+        train_list=args.train_list, val_list=args.val_list, format=args.format, root=args.root,
+        labels_file=args.labels_file, num_frames=args.num_frames, sampling=args.sampling,
+        frame_interval=args.frame_interval, image_size=args.image_size, skip_missing=args.skip_missing,
+        flip=not args.no_flip, min_scale=args.min_scale, rand_augment=args.rand_augment,
+        random_erasing=args.random_erasing,
+    )
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of ``amflow train``'s parsed arguments: its flags are its fields."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
 def _train(args) -> None:
     from .data.annotations import load_annotations
-    from .data.loader import DataConfig
     from .engine import fit
 
     if not (args.pretrained or args.checkpoint_path or args.random_init):
@@ -268,22 +306,12 @@ def _train(args) -> None:
             "learns nothing: pass --pretrained (timm's weights for the tag, a download) or --checkpoint-path "
             "FILE (weights fetched elsewhere); --random-init if that is what you want (tests, smoke runs)"
         )
+    data, train = data_config(args), train_config(args)
     _, classes = load_annotations(args.format, args.val_list, args.root, labels_file=args.labels_file,
                                   skip_missing=args.skip_missing)
-    config = model_config(args, len(classes))
-    data = DataConfig(
-        train_list=args.train_list, val_list=args.val_list, format=args.format, root=args.root,
-        labels_file=args.labels_file, num_frames=args.num_frames, sampling=args.sampling,
-        frame_interval=args.frame_interval, image_size=args.image_size, skip_missing=args.skip_missing,
-        flip=not args.no_flip, min_scale=args.min_scale, rand_augment=args.rand_augment,
-        random_erasing=args.random_erasing,
-    )
-    result = fit(config, data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                 weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                 val_views=(args.val_clips, args.val_crops), select_by=args.select_by, workers=args.workers,
-                 device=args.device,
-                 dist_backend=args.dist_backend, compile=args.compile, resume=args.resume, seed=args.seed,
-                 max_bad_clips=args.max_bad_clips, progress=not args.no_progress)
+    result = fit(model_config(args, len(classes)), data, train, args.out, workers=args.workers, device=args.device,
+                 dist_backend=args.dist_backend, compile=args.compile, resume=args.resume,
+                 progress=not args.no_progress)
     best = result["best"]
     if _is_main_process():
         print(f"best val top-1 {best['top1']:.4f}, top-5 {best['top5']:.4f} (epoch {best['epoch']}); "
@@ -291,7 +319,7 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    from .data.loader import DataConfig, make_loader
+    from .data.loader import make_loader
     from .distributed import session
     from .engine import evaluate, load_checkpoint
 
@@ -323,7 +351,6 @@ def _eval(args) -> None:
 
 def _visualize(args) -> None:
     from .data.dataset import uniform_indices
-    from .data.loader import DataConfig
     from .data.video_io import read_clip
     from .engine import load_checkpoint
     from .visualize import visualize_flow

@@ -40,6 +40,7 @@ from .data.annotations import load_annotations
 from .data.loader import DataConfig
 from .data.synthetic import CAMERAS, CELLS, TASKS, generate_synthetic
 from .data.video_io import read_clip
+from .train_config import TrainConfig
 from .visualize import overlay_flow, patch_flows, pyplot
 
 CLIP_FRAMES = 8  # frames per synthetic clip, all of them sampled
@@ -138,8 +139,8 @@ def run_demo(
                     aligner_dim=48, backend=backend, **variant_config(variant, camera, flow_norm),
                 )
                 run_dir = where / camera / variant
-                result = fit(config, data, run_dir, epochs=epochs, batch_size=batch_size, lr=lr, workers=workers,
-                             seed=seed, progress=progress, log=log)
+                result = fit(config, data, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed), run_dir,
+                             workers=workers, progress=progress, log=log)
                 model, _ = load_checkpoint(run_dir / "best.pt")
                 report = parameter_report(model)["total"]
                 runs[camera][variant].append({

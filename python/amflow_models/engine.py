@@ -1,7 +1,7 @@
 """Training and evaluation: the fit loop (one process, or one per GPU under torchrun), exact
 resume, distributed evaluation, checkpoints.
 
-A checkpoint holds the model and data configs, the class names and only the trainable
+A checkpoint holds the model, data and train configs, the class names and only the trainable
 parameters (the frozen backbone is rebuilt from its own source). ``last.pt`` adds what resuming
 needs: the optimiser and schedule, the epoch and step reached, every process's random states and
 running loss, and the unreadable clips met so far. ``metrics.jsonl`` gets one JSON line per epoch.
@@ -33,8 +33,9 @@ from .data.annotations import load_annotations
 from .data.loader import DataConfig, complete_data_config, make_loader
 from .distributed import Runtime, session
 from .preemption import Preempted, StopRequest
+from .train_config import RESUMABLE_CHANGES, TrainConfig
 
-__all__ = ["DataConfig", "Preempted", "evaluate", "fit", "load_checkpoint", "train_image_model"]
+__all__ = ["DataConfig", "Preempted", "TrainConfig", "evaluate", "fit", "load_checkpoint", "train_image_model"]
 
 
 def seed_everything(seed: int) -> None:
@@ -137,210 +138,222 @@ def set_random_states(states: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-# what a resumed run must keep: the data order and the schedule depend on them (see _check_resumable)
-RUN_SETTINGS = ("global_batch", "train_clips", "lr", "weight_decay", "label_smoothing", "val_views", "select_by",
-                "seed")
-# the validation metrics best.pt can be chosen by
-SELECT_BY = ("top1", "mean_class_accuracy")
 # where the data lives may change between a run and its resumption (another node's scratch disk)
 DATA_LOCATIONS = {"train_list", "val_list", "root", "labels_file"}
 
 
-def _check_resumable(checkpoint: dict, path: Path, model_config: ModelConfig, data: DataConfig, run: dict) -> None:
+def _check_resumable(checkpoint: dict, path: Path, now: dict) -> None:
     """Raise ``ValueError`` listing what differs between the run that wrote ``checkpoint`` and
-    this one, where it would make the resumed run another run. The kernel backend may differ, and
-    so may the world size at the same global batch (the data order depends on the global batch
-    only, see ``data/loader.py``); so may the data's location, and ``epochs`` may grow (the
-    cosine schedule then stretches)."""
-    if "run" not in checkpoint:
+    ``now`` (its model, data and train configs and its ``run``: world size, global batch, clips),
+    where it would make the resumed run another run. The kernel backend may differ, and so may
+    the world size at the same global batch (the data order depends on the global batch only, see
+    ``data/loader.py``); so may the data's location, and ``epochs`` may grow (the cosine schedule
+    then stretches): ``RESUMABLE_CHANGES``."""
+    if "train_config" not in checkpoint:
         raise ValueError(f"--resume: {str(path)!r} holds no state to resume from (a best.pt, or an older amflow's)")
-    problems = []
-    for what, saved, now in (("model", ModelConfig.from_dict(checkpoint["model_config"]).to_dict(),
-                              model_config.to_dict()),
-                             ("data", checkpoint["data_config"], asdict(data)), ("run", checkpoint["run"], run)):
-        ignored = {"backend"} if what == "model" else DATA_LOCATIONS
-        keys = RUN_SETTINGS if what == "run" else sorted((set(saved) | set(now)) - ignored)
-        problems += [f"{what} {key}: {saved.get(key)!r} in the checkpoint, {now.get(key)!r} now"
-                     for key in keys if saved.get(key) != now.get(key)]
+    saved = {"model_config": ModelConfig.from_dict(checkpoint["model_config"]).to_dict(),
+             **{what: checkpoint[what] for what in ("data_config", "train_config", "run")}}
+    ignored = {"model_config": {"backend"}, "data_config": DATA_LOCATIONS, "train_config": RESUMABLE_CHANGES,
+               "run": {"world_size"}}
+    problems = [f"{what.removesuffix('_config')} {key}: {saved[what].get(key)!r} in the checkpoint, "
+                f"{now[what].get(key)!r} now"
+                for what in saved for key in sorted((set(saved[what]) | set(now[what])) - ignored[what])
+                if saved[what].get(key) != now[what].get(key)]
     if problems:
-        saved = checkpoint["run"]
+        train, run = saved["train_config"], saved["run"]
         raise ValueError(
             f"--resume: {str(path)!r} was written by a different run: {'; '.join(problems)}. Resume with the "
-            f"checkpoint's settings ({saved['world_size']} process(es) × --batch-size {saved['batch_size']}, "
-            f"--lr {saved['lr']}, --weight-decay {saved['weight_decay']}, --seed {saved['seed']}), or train into "
+            f"checkpoint's settings ({run['world_size']} process(es) × --batch-size {train['batch_size']}, "
+            f"--lr {train['lr']}, --weight-decay {train['weight_decay']}, --seed {train['seed']}), or train into "
             "another --out"
         )
 
 
 def fit(
-    model_config: ModelConfig, data: DataConfig, out_dir: str | Path, *, epochs: int = 10, batch_size: int = 8,
-    lr: float = 1e-3, weight_decay: float = 0.05, workers: int = 2, device: str | None = None,
-    label_smoothing: float = 0.0, val_views: tuple[int, int] = (1, 1), select_by: str = "top1",
-    dist_backend: str = "auto",
-    compile: bool = False, resume: bool = False, seed: int = 0, max_bad_clips: int = 10, progress: bool = True,
-    log=print,
+    model_config: ModelConfig, data: DataConfig, train: TrainConfig, out_dir: str | Path, *, workers: int = 2,
+    device: str | None = None, dist_backend: str = "auto", compile: bool = False, resume: bool = False,
+    progress: bool = True, log=print,
 ) -> dict:
-    """Train ``model_config`` on ``data`` (AdamW, cosine schedule with one warm-up epoch,
-    cross-entropy with ``label_smoothing``), evaluate after every epoch on ``val_views``
-    (temporal clips, spatial crops: the evaluation protocol's, for a ``best.pt`` chosen by it),
-    keep ``last.pt`` and ``best.pt`` (by ``select_by``: ``top1`` or ``mean_class_accuracy``) in
-    ``out_dir``.
+    """Train ``model_config`` on ``data`` as ``train`` says (``train_config.py``), keeping
+    ``last.pt``, ``best.pt`` and ``metrics.jsonl`` in ``out_dir``. ``workers`` loader processes
+    per training process, ``device`` (default: cuda where available), ``compile``
+    (``torch.compile`` the model) decide only where and how fast the run goes.
 
     Under torchrun every process calls this and trains a ``DistributedDataParallel`` replica:
-    ``batch_size`` is per process, a step takes world size × ``batch_size`` clips, and nothing
-    (learning rate included) is scaled for it. One process × N·b clips and N processes × b clips
-    see the same data per step (``data/loader.py``) and reach the same parameters up to rounding.
+    ``train.batch_size`` is per process. One process × N·b clips and N processes × b clips see
+    the same data per step (``data/loader.py``) and reach the same parameters up to rounding.
 
     - ``resume``: continue from ``out_dir/last.pt`` (written after every epoch, before each
       validation and on SIGTERM). With the same world size on a CPU the resumed run ends
       bitwise equal to one never interrupted.
     - SIGTERM: the step in progress finishes, ``last.pt`` is written, :class:`Preempted` is raised.
     - A training clip that cannot be read is logged and replaced by another; more than
-      ``max_bad_clips`` distinct ones stop the run with a ``ValueError`` listing them.
+      ``train.max_bad_clips`` distinct ones stop the run with a ``ValueError`` listing them.
 
-    Returns ``{"best": metrics of the best epoch, "history": per-epoch metrics, "seconds": …}``.
+    Returns ``{"best": metrics of the best epoch, "history": per-epoch metrics, "seconds": …,
+    "classes": …}``.
     """
     if data.train_list is None or data.val_list is None:
         raise ValueError("fit: the data config needs train_list and val_list")
-    if max_bad_clips < 0:
-        raise ValueError(f"max_bad_clips must be ≥ 0, got {max_bad_clips}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if select_by not in SELECT_BY:
-        raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
     # SIGTERM caught from the start: one during setup stops the run after its first step
     with StopRequest() as stop, session(device, dist_backend) as runtime:
-        return _fit(runtime, stop, model_config, data, Path(out_dir), epochs=epochs, batch_size=batch_size, lr=lr,
-                    weight_decay=weight_decay, label_smoothing=label_smoothing, val_views=tuple(val_views),
-                    select_by=select_by,
-                    workers=workers, compile=compile, resume=resume, seed=seed,
-                    max_bad_clips=max_bad_clips, progress=progress and runtime.is_main,
-                    log=log if runtime.is_main else lambda *_: None)
+        run = _Run(runtime, model_config, data, train, Path(out_dir), workers=workers,
+                   log=log if runtime.is_main else lambda *_: None)
+        if resume:
+            run.resume()
+        run.start_metrics_log()
+        compiled = torch.compile(run.model) if compile else run.model
+        forward = compiled if runtime.world_size == 1 else DistributedDataParallel(
+            compiled, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
+        run.log(f"{runtime.world_size} process{'es' if runtime.world_size > 1 else ''} × {train.batch_size} clips = "
+                f"{run.state['run']['global_batch']} clips per step, {run.steps} step{'s' if run.steps > 1 else ''} "
+                f"per epoch, on {runtime.device.type}")
+        began = time.perf_counter()
+        for epoch in range(run.epoch, train.epochs):
+            run.train_epoch(epoch, forward, stop, progress=progress and runtime.is_main)
+            run.end_epoch(epoch, compiled)
+        return {"best": run.best, "history": run.history, "seconds": time.perf_counter() - began,
+                "classes": run.classes}
 
 
-def _fit(runtime: Runtime, stop: StopRequest, model_config, data, out_dir, *, epochs, batch_size, lr, weight_decay,
-         label_smoothing, val_views, select_by, workers, compile, resume, seed, max_bad_clips, progress,
-         log) -> dict:
-    device, world_size = runtime.device, runtime.world_size
-    if runtime.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(seed)  # the same initial model in every process
-    model = build_model(model_config)
-    data = complete_data_config(data, model.backbone)
-    train_loader, classes = make_loader(data, data.train_list, train=True, batch_size=batch_size, workers=workers,
-                                        world_size=world_size, rank=runtime.rank, seed=seed)
-    val_loader, _ = make_loader(data, data.val_list, train=False, batch_size=batch_size, workers=workers,
-                                world_size=world_size, rank=runtime.rank, seed=seed, num_clips=val_views[0],
-                                num_crops=val_views[1])
-    if len(classes) != model_config.num_classes:
-        raise ValueError(f"num_classes={model_config.num_classes} but the annotations have {len(classes)} classes")
-    seed_everything(seed + 1 + runtime.rank)  # each process its own stream (dropout, if a model has any)
-    model.to(device)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    sampler = train_loader.sampler
-    steps = sampler.steps
-    total = epochs * steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
-    run = {"world_size": world_size, "batch_size": batch_size, "global_batch": world_size * batch_size,
-           "train_clips": len(train_loader.dataset), "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
-           "label_smoothing": label_smoothing, "val_views": list(val_views), "select_by": select_by, "seed": seed}
-    start_epoch, start_step, history, best, bad_clips = 0, 0, [], None, {}
-    loss_sum, seen = 0.0, 0  # this process's running training loss in the epoch
-    last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
-    if resume and last_path.is_file():
-        checkpoint = read_checkpoint(last_path)
-        _check_resumable(checkpoint, last_path, model_config, data, run)
-        model.load_state_dict(checkpoint["state"], strict=False)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
-        start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
-        history, best = checkpoint["history"], checkpoint["best"]
-        bad_clips = checkpoint["bad_clips"]
-        processes = checkpoint["processes"]
-        if len(processes) == world_size:
-            set_random_states(processes[runtime.rank]["random"], device)
-            loss_sum, seen = processes[runtime.rank]["loss_sum"], processes[runtime.rank]["seen"]
-        else:  # same global batch, so the same data; the epoch's running loss goes to process 0
-            log(f"resuming {len(processes)} processes' run with {world_size}: the data order is the same, the "
-                "processes' random streams start afresh")
-            if runtime.is_main:
-                loss_sum, seen = sum(p["loss_sum"] for p in processes), sum(p["seen"] for p in processes)
-        if checkpoint["run"]["epochs"] != epochs:
-            log(f"the run had {checkpoint['run']['epochs']} epochs, now {epochs}: the cosine schedule changes")
-        log(f"resumed from {last_path} at epoch {start_epoch + 1}, step {start_step} of {steps}")
-    elif resume:
-        log(f"--resume: {last_path} does not exist; starting afresh")
-    if runtime.is_main:  # a fresh run does not append to an old log, a resumed one keeps its epochs' lines
-        kept = metrics_path.read_text().splitlines(keepends=True)[:start_epoch] if metrics_path.is_file() else []
-        metrics_path.write_text("".join(kept))
-    compiled = torch.compile(model) if compile else model
-    forward = compiled if world_size == 1 else DistributedDataParallel(
-        compiled, device_ids=[device.index] if device.type == "cuda" else None
-    )
-    log(f"{world_size} process{'es' if world_size > 1 else ''} × {batch_size} clips = {world_size * batch_size} clips "
-        f"per step, {steps} step{'s' if steps > 1 else ''} per epoch, on {device.type}")
+class _Run:
+    """One training run's model, loaders, optimiser, schedule and progress, split into the steps
+    :func:`fit` takes: build (``__init__``), ``resume``, ``train_epoch``, ``end_epoch``."""
 
-    def write_last(epoch: int, step: int) -> None:
-        processes = runtime.gather({"random": random_states(device), "loss_sum": loss_sum, "seen": seen})
+    def __init__(self, runtime: Runtime, model_config: ModelConfig, data: DataConfig, train: TrainConfig,
+                 out_dir: Path, *, workers: int, log):
+        self.runtime, self.model_config, self.train, self.log = runtime, model_config, train, log
         if runtime.is_main:
-            save_checkpoint({
-                **describe(epoch), "step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "run": run, "processes": processes, "bad_clips": bad_clips,
-            }, last_path)
-        runtime.barrier()  # no process leaves (ends the job) while process 0 still writes
+            out_dir.mkdir(parents=True, exist_ok=True)
+        self.last_path, self.best_path, self.metrics_path = (out_dir / "last.pt", out_dir / "best.pt",
+                                                             out_dir / "metrics.jsonl")
+        seed_everything(train.seed)  # the same initial model in every process
+        self.model = build_model(model_config)
+        self.data = complete_data_config(data, self.model.backbone)
+        shared = dict(batch_size=train.batch_size, workers=workers, world_size=runtime.world_size,
+                      rank=runtime.rank, seed=train.seed)
+        self.train_loader, self.classes = make_loader(self.data, self.data.train_list, train=True, **shared)
+        self.val_loader, _ = make_loader(self.data, self.data.val_list, train=False, num_clips=train.val_clips,
+                                         num_crops=train.val_crops, **shared)
+        if len(self.classes) != model_config.num_classes:
+            raise ValueError(f"num_classes={model_config.num_classes} but the annotations have "
+                             f"{len(self.classes)} classes")
+        seed_everything(train.seed + 1 + runtime.rank)  # each process its own stream (dropout, if a model has any)
+        self.model.to(runtime.device)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=train.lr,
+                                           weight_decay=train.weight_decay)
+        self.steps = steps = self.train_loader.sampler.steps
+        total = train.epochs * steps
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: min(1.0, (s + 1) / steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
+        )
+        # what a checkpoint records of the run, and what a resumed one is compared with
+        self.state = {"model_config": model_config.to_dict(), "data_config": asdict(self.data),
+                      "train_config": train.to_dict(),
+                      "run": {"world_size": runtime.world_size, "global_batch": runtime.world_size * train.batch_size,
+                              "train_clips": len(self.train_loader.dataset)}}
+        self.epoch, self.step, self.history, self.best, self.bad_clips = 0, 0, [], None, {}
+        self.loss_sum, self.seen = 0.0, 0  # this process's running training loss in the epoch
 
-    def describe(epoch: int) -> dict:
-        return {"model_config": model_config.to_dict(), "data_config": asdict(data), "classes": classes,
-                "seed": seed, "state": trainable_state(model), "epoch": epoch, "history": history, "best": best}
+    def resume(self) -> None:
+        """Continue from ``last.pt``, where one exists and was written by the same run."""
+        if not self.last_path.is_file():
+            self.log(f"--resume: {self.last_path} does not exist; starting afresh")
+            return
+        checkpoint = read_checkpoint(self.last_path)
+        _check_resumable(checkpoint, self.last_path, self.state)
+        self.model.load_state_dict(checkpoint["state"], strict=False)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.schedule.load_state_dict(checkpoint["schedule"])
+        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
+        self.history, self.best, self.bad_clips = checkpoint["history"], checkpoint["best"], checkpoint["bad_clips"]
+        processes, rank = checkpoint["processes"], self.runtime.rank
+        if len(processes) == self.runtime.world_size:
+            set_random_states(processes[rank]["random"], self.runtime.device)
+            self.loss_sum, self.seen = processes[rank]["loss_sum"], processes[rank]["seen"]
+        else:  # same global batch, so the same data; the epoch's running loss goes to process 0
+            self.log(f"resuming {len(processes)} processes' run with {self.runtime.world_size}: the data order is "
+                     "the same, the processes' random streams start afresh")
+            if self.runtime.is_main:
+                self.loss_sum, self.seen = sum(p["loss_sum"] for p in processes), sum(p["seen"] for p in processes)
+        if checkpoint["train_config"]["epochs"] != self.train.epochs:
+            self.log(f"the run had {checkpoint['train_config']['epochs']} epochs, now {self.train.epochs}: the "
+                     "cosine schedule changes")
+        self.log(f"resumed from {self.last_path} at epoch {self.epoch + 1}, step {self.step} of {self.steps}")
 
-    began = time.perf_counter()
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        sampler.set_epoch(epoch, start_step=start_step)
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress,
-                   initial=start_step, total=steps)
-        for step, batch in enumerate(bar, start=start_step + 1):
+    def start_metrics_log(self) -> None:
+        """A fresh run does not append to an old log; a resumed one keeps its epochs' lines."""
+        if self.runtime.is_main:
+            path = self.metrics_path
+            kept = path.read_text().splitlines(keepends=True)[:self.epoch] if path.is_file() else []
+            path.write_text("".join(kept))
+
+    def train_epoch(self, epoch: int, forward, stop: StopRequest, *, progress: bool) -> None:
+        """The steps of ``epoch`` from ``self.step`` on; on SIGTERM, ``last.pt`` and :class:`Preempted`."""
+        device, steps, train = self.runtime.device, self.steps, self.train
+        self.model.train()
+        self.train_loader.sampler.set_epoch(epoch, start_step=self.step)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{train.epochs}", leave=False, disable=not progress,
+                   initial=self.step, total=steps)
+        for step, batch in enumerate(bar, start=self.step + 1):
             video, label = batch["video"].to(device, non_blocking=True), batch["label"].to(device)
             with autocast(device):
-                loss = F.cross_entropy(forward(video).float(), label, label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(forward(video).float(), label, label_smoothing=train.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum, seen = loss_sum + loss.item() * label.numel(), seen + label.numel()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-            new = [(path, reason) for path, reason in batch["failed"] if path not in bad_clips]
-            stops, failures = runtime.sum([int(stop.requested), len(new)])
+            self.optimizer.step()
+            self.schedule.step()
+            self.loss_sum, self.seen = self.loss_sum + loss.item() * label.numel(), self.seen + label.numel()
+            bar.set_postfix(loss=f"{self.loss_sum / self.seen:.3f}")
+            new = [(path, reason) for path, reason in batch["failed"] if path not in self.bad_clips]
+            stops, failures = self.runtime.sum([int(stop.requested), len(new)])
             if failures:
-                _count_bad_clips(runtime.gather(new), bad_clips, max_bad_clips, log)
+                _count_bad_clips(self.runtime.gather(new), self.bad_clips, train.max_bad_clips, self.log)
             if stops:
-                write_last(epoch, step)
-                message = (f"stopped by SIGTERM after step {step} of {steps} of epoch {epoch + 1}; {last_path} "
-                           "holds the run: continue it with the same command and --resume")
-                raise Preempted(message)
-        write_last(epoch, steps)  # a kill during validation costs only the validation
-        start_step, (loss_sum, seen) = 0, runtime.sum([loss_sum, seen])
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
-                   **evaluate(compiled, val_loader, runtime)}
-        loss_sum, seen = 0.0, 0
-        history.append({k: v for k, v in metrics.items() if k not in ("confusion", "unscorable")})
-        improved = best is None or metrics[select_by] > best[select_by]
-        best = history[-1] if improved else best
-        if runtime.is_main:  # the log first: a resumed run cuts it back to its checkpoint's epochs
-            with metrics_path.open("a") as handle:
+                self.write_last(epoch, step)
+                raise Preempted(f"stopped by SIGTERM after step {step} of {steps} of epoch {epoch + 1}; "
+                                f"{self.last_path} holds the run: continue it with the same command and --resume")
+        self.write_last(epoch, steps)  # a kill during validation costs only the validation
+
+    def end_epoch(self, epoch: int, model: torch.nn.Module) -> None:
+        """Validate ``model`` after ``epoch``, log the metrics, keep ``best.pt`` and ``last.pt``."""
+        self.step, (loss_sum, seen) = 0, self.runtime.sum([self.loss_sum, self.seen])
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen, **evaluate(model, self.val_loader, self.runtime)}
+        self.loss_sum, self.seen = 0.0, 0
+        self.history.append({k: v for k, v in metrics.items() if k not in ("confusion", "unscorable")})
+        select_by = self.train.select_by
+        improved = self.best is None or metrics[select_by] > self.best[select_by]
+        self.best = self.history[-1] if improved else self.best
+        if self.runtime.is_main:  # the log first: a resumed run cuts it back to its checkpoint's epochs
+            with self.metrics_path.open("a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
             if improved:
-                save_checkpoint(describe(epoch + 1), best_path)
-        write_last(epoch + 1, 0)
+                save_checkpoint(self.describe(epoch + 1), self.best_path)
+        self.write_last(epoch + 1, 0)
+        self.epoch = epoch + 1
         if metrics["unscorable"]:
-            log(f"{len(metrics['unscorable'])} validation clips could not be read and were not scored, e.g. "
-                + metrics["unscorable"][0]["reason"])
-        log(f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.3f}, val top-1 "
-            f"{metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}{' (best)' if improved else ''}")
-    return {"best": best, "history": history, "seconds": time.perf_counter() - began, "classes": classes}
+            self.log(f"{len(metrics['unscorable'])} validation clips could not be read and were not scored, e.g. "
+                     + metrics["unscorable"][0]["reason"])
+        self.log(f"epoch {epoch + 1}/{self.train.epochs}: train loss {metrics['train_loss']:.3f}, val top-1 "
+                 f"{metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}{' (best)' if improved else ''}")
+
+    def describe(self, epoch: int) -> dict:
+        """What ``best.pt`` holds: the configs, the class names and the trained parameters."""
+        return {**self.state, "classes": self.classes, "seed": self.train.seed, "state": trainable_state(self.model),
+                "epoch": epoch, "history": self.history, "best": self.best}
+
+    def write_last(self, epoch: int, step: int) -> None:
+        """``last.pt``: what ``best.pt`` holds and what resuming needs, every process's random states included."""
+        device = self.runtime.device
+        processes = self.runtime.gather({"random": random_states(device), "loss_sum": self.loss_sum,
+                                         "seen": self.seen})
+        if self.runtime.is_main:
+            save_checkpoint({**self.describe(epoch), "step": step, "optimizer": self.optimizer.state_dict(),
+                             "schedule": self.schedule.state_dict(), "processes": processes,
+                             "bad_clips": self.bad_clips}, self.last_path)
+        self.runtime.barrier()  # no process leaves (ends the job) while process 0 still writes
 
 
 def _count_bad_clips(found: list[list[tuple[str, str]]], bad_clips: dict, limit: int, log) -> None:
