@@ -3,7 +3,7 @@
 1. versions of amflow_kernels, Python, torch, CUDA and Triton;
 2. every backend on every local device: available, or why not;
 3. each available fused backend checked against the float64 reference on a small case
-   (values and gradients of am_flow, attention_colsum and linear_attention);
+   (values and gradients of am_flow, attention, attention_colsum and linear_attention);
 4. am_flow timed against the eager reference on the local device.
 
 Exits with status 1 if a check fails, or if a backend named with ``--require`` is unavailable.
@@ -62,33 +62,43 @@ def _rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _check(backend: str, device: str) -> bool:
-    """Each op of one backend against the float64 reference: value and every input gradient."""
+    """Each op of one backend against the float64 reference: every output and input gradient."""
     generator = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, 3, 2, 37, 40, generator=generator) for _ in range(2))
     v = torch.randn(2, 3, 2, 37, 24, generator=generator)
     cases = (
-        ("am_flow", (q, k), torch.randn(2, 2, 2, 37, generator=generator)),
-        ("attention_colsum", (q, k), torch.randn(2, 3, 2, 37, generator=generator)),
-        ("linear_attention", (q, k, v), torch.randn(2, 3, 2, 37, 24, generator=generator)),
+        ("am_flow", (q, k), (torch.randn(2, 2, 2, 37, generator=generator),)),
+        ("attention", (q, k, v), (torch.randn(2, 3, 2, 37, 24, generator=generator),
+                                  torch.randn(2, 3, 2, 37, generator=generator))),
+        ("attention_colsum", (q, k), (torch.randn(2, 3, 2, 37, generator=generator),)),
+        ("linear_attention", (q, k, v), (torch.randn(2, 3, 2, 37, 24, generator=generator),)),
     )
     ok = True
-    for op, inputs, grad in cases:
+    for op, inputs, grads in cases:
+        if (lacking := _dispatch.BACKENDS[backend].lacks(op)) is not None:
+            print(f"  {device:4} {backend:9} {op:16} not checked: {lacking}")
+            continue
         fused_inputs = [t.to(device).detach().requires_grad_() for t in inputs]
         ref_inputs = [t.double().detach().requires_grad_() for t in inputs]
-        out = getattr(amflow_kernels, op)(*fused_inputs, backend=backend)
-        out.backward(grad.to(device))
-        ref = getattr(reference, op)(*ref_inputs)
-        ref.backward(grad.double())
-        errors = [_rel_rms(out.cpu(), ref)]
+        outputs = _as_tuple(getattr(amflow_kernels, op)(*fused_inputs, backend=backend))
+        torch.autograd.backward(outputs, [g.to(device, x.dtype) for g, x in zip(grads, outputs)])
+        expected = _as_tuple(getattr(reference, op)(*ref_inputs))
+        torch.autograd.backward(expected, [g.double() for g in grads])
+        errors = [_rel_rms(out.cpu(), ref) for out, ref in zip(outputs, expected)]
         errors += [_rel_rms(a.grad.cpu(), b.grad) for a, b in zip(fused_inputs, ref_inputs)]
         passed = max(errors) <= CHECK_TOLERANCE
         ok &= passed
-        grads = ", ".join(f"d{name} {e:.1e}" for name, e in zip("qkv", errors[1:]))
+        values = ", ".join(f"{e:.1e}" for e in errors[: len(outputs)])
+        gradients = ", ".join(f"d{name} {e:.1e}" for name, e in zip("qkv", errors[len(outputs):]))
         print(
-            f"  {device:4} {backend:9} {op:16} relative RMS error: value {errors[0]:.1e}, {grads}  "
+            f"  {device:4} {backend:9} {op:16} relative RMS error: value {values}, {gradients}  "
             f"{'ok' if passed else 'FAILED'}"
         )
     return ok
+
+
+def _as_tuple(result) -> tuple:
+    return result if isinstance(result, tuple) else (result,)
 
 
 def _checks() -> bool:

@@ -23,7 +23,8 @@ except ImportError as error:  # pragma: no cover - depends on the installation
 
 
 # The kernel family that serves each op, as torch.ops.amflow and csrc/ name them.
-OP_FAMILY = {"am_flow": "softmax_colsum", "attention_colsum": "softmax_colsum", "linear_attention": "linear_attention"}
+OP_FAMILY = {"am_flow": "softmax_colsum", "attention_colsum": "softmax_colsum", "linear_attention": "linear_attention",
+             "attention": "attention"}
 
 
 class Backend:
@@ -41,8 +42,12 @@ class Backend:
         """The largest head dim (each of D and Dv) its kernels for ``op`` take; None: any."""
         return None
 
+    def lacks(self, op: str) -> str | None:
+        """Why this backend has no kernels for ``op``, if it has none."""
+        return None
+
     def not_supported_reasons(self, op: str, q: torch.Tensor, head_dims: dict[str, int]) -> list[str]:
-        if (why := self.unavailable(q.device)) is not None:
+        if (why := self.unavailable(q.device) or self.lacks(op)) is not None:
             return [why]
         reasons = []
         dtypes = self.dtypes(op)
@@ -79,10 +84,17 @@ class ExtensionBackend(Backend):
             return extension.EXTENSION_ERROR
         if device.type != self.device_type:
             return f"the {self.name} backend runs {self.device_type.upper()} tensors, not {device.type}"
-        if self.device_type not in extension.KERNEL_DEVICES:
+        if not extension.KERNEL_FAMILIES[self.device_type]:
             return f"amflow_kernels._C was built without {self.device_type.upper()} kernels"
         if self.device_type == "cuda" and not torch.cuda.is_available():
             return "CUDA is not available"
+        return None
+
+    def lacks(self, op: str) -> str | None:
+        from .ops import extension
+
+        if OP_FAMILY[op] not in extension.KERNEL_FAMILIES[self.device_type]:
+            return f"amflow_kernels._C has no {self.device_type.upper()} kernels for {op}"
         return None
 
     def _limits(self) -> dict:
@@ -116,9 +128,11 @@ class TritonBackend(Backend):
 
     @staticmethod
     def _kernels(op: str):
-        from .ops import linear_attention_triton, softmax_colsum_triton
+        from .ops import attention_triton, linear_attention_triton, softmax_colsum_triton
 
-        return {"softmax_colsum": softmax_colsum_triton, "linear_attention": linear_attention_triton}[OP_FAMILY[op]]
+        modules = {"softmax_colsum": softmax_colsum_triton, "linear_attention": linear_attention_triton,
+                   "attention": attention_triton}
+        return modules[OP_FAMILY[op]]
 
     def dtypes(self, op: str) -> tuple[torch.dtype, ...]:
         return self._kernels(op).DTYPES

@@ -109,9 +109,9 @@ def check_attention_colsum(q, k, scale) -> float:
     return check_scale(op, scale, q.shape[-1])
 
 
-def check_linear_attention(q, k, v, eps) -> float:
-    """Validate ``linear_attention``'s inputs; return eps as a float."""
-    op = "linear_attention"
+def _check_qkv(op: str, q, k, v) -> None:
+    """q (..., Nq, D), k (..., Nk, D), v (..., Nk, Dv): tensors of one float dtype and device,
+    the same leading dims, at least one token and one channel."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -144,6 +144,43 @@ def check_linear_attention(q, k, v, eps) -> float:
             f"{op}: q, k, v need at least one token and one channel (Nq, Nk, D, Dv ≥ 1), got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
+
+
+def check_linear_attention(q, k, v, eps) -> float:
+    """Validate ``linear_attention``'s inputs; return eps as a float."""
+    op = "linear_attention"
+    _check_qkv(op, q, k, v)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{op}: eps must be a finite float ≥ 0, got {eps!r}")
     return float(eps)
+
+
+def check_attention(q, k, v, scale, key_bias, colsum_rows) -> tuple[float, int]:
+    """Validate ``attention``'s inputs; return the scale and the number of colsum rows."""
+    op = "attention"
+    _check_qkv(op, q, k, v)
+    nq, nk = q.shape[-2], k.shape[-2]
+    if key_bias is not None:
+        if not isinstance(key_bias, torch.Tensor):
+            raise TypeError(f"{op}: key_bias must be a torch.Tensor or None, got {type(key_bias).__name__}")
+        if key_bias.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{op}: key_bias.dtype must be one of float16, bfloat16, float32, float64, got {key_bias.dtype}"
+            )
+        if key_bias.device != q.device:
+            raise ValueError(f"{op}: key_bias.device must equal q.device ({q.device}), got {key_bias.device}")
+        lead = tuple(q.shape[:-2])
+        try:
+            broadcasts = torch.broadcast_shapes(key_bias.shape, (*lead, nk)) == (*lead, nk)
+        except RuntimeError:
+            broadcasts = False
+        if key_bias.dim() < 1 or key_bias.shape[-1] != nk or not broadcasts:
+            raise ValueError(
+                f"{op}: key_bias.shape must be (..., Nk) with Nk = {nk}, broadcastable to q's leading dims "
+                f"{lead}, got {tuple(key_bias.shape)}"
+            )
+    if colsum_rows is None:
+        colsum_rows = nq
+    elif not _is_int(colsum_rows) or not 1 <= colsum_rows <= nq:
+        raise ValueError(f"{op}: colsum_rows must be an int in [1, Nq = {nq}] or None, got {colsum_rows!r}")
+    return check_scale(op, scale, q.shape[-1]), colsum_rows

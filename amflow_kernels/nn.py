@@ -1,4 +1,5 @@
-"""Layers on the fused ops: multi-head linear attention and the aligning encoder.
+"""Layers on the fused ops: multi-head linear attention, the aligning encoder, and a timm ViT's
+attention run through :func:`attention` so that it also gives the attention each token receives.
 
 For moving cameras, AM flow taken straight from attention maps mixes camera and object
 motion. The aligning encoder of the AM Flow paper reads, for every frame, the column sums
@@ -10,6 +11,9 @@ as ``|X_t − X_{t+Δ}|`` of its outputs X.
     encoder = AligningEncoder(in_features=12, dim=192, depth=2)
     flow = encoder.aligned_flow(q, k, num_frames=T)   # (B, T−1, N, 192)
     set_backend(model, "reference")                   # every such layer in a model
+
+    ColsumAttention.patch(vit, blocks=[4], colsum_rows=1)  # timm ViT: block 4's attention also gives
+    vit(images); vit.blocks[3].attn.colsum                 # what the CLS query pays each token (B, H, N)
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ from torch import nn
 
 from ._dispatch import ACCEPTED
 from ._validate import check_am_flow, check_frames
+from .ops.attention import attention
 from .ops.attention_colsum import attention_colsum
 from .ops.linear_attention import linear_attention
 
-__all__ = ["AligningEncoder", "AligningEncoderLayer", "FusedOpModule", "LinearAttention", "set_backend"]
+__all__ = [
+    "AligningEncoder", "AligningEncoderLayer", "ColsumAttention", "FusedOpModule", "LinearAttention", "set_backend",
+    "timm_attention_output", "timm_qkv",
+]
 
 
 class FusedOpModule(nn.Module):
@@ -45,6 +53,77 @@ def _check_positive(layer: str, **values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{layer}: {name} must be an int ≥ 1, got {value!r}")
+
+
+def timm_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``(F, H, N, D)`` of a timm ViT ``Attention`` for its tokens ``x`` ``(F, N, C)``:
+    strided views of its fused qkv projection (no copy), q and k after its optional norms."""
+    frames, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(frames, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def timm_attention_output(attn: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The rest of a timm ``Attention``'s forward after its softmax attention ``out``
+    ``(F, H, N, D)``: heads merged, its optional norm and sigmoid gate (of its input ``x``), the
+    output projection."""
+    frames, heads, tokens, head_dim = out.shape
+    out = out.transpose(1, 2).reshape(frames, tokens, heads * head_dim)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+class ColsumAttention(FusedOpModule):
+    """A timm ViT ``Attention`` whose softmax attention runs through :func:`attention`: the same
+    output, and in ``colsum`` the attention each token received in the last forward, ``(F, H, N)``
+    float32, summed over every query or the first ``colsum_rows`` (``1``: what the class token
+    attends to, EViT's token score). Attention dropout is not supported (a frozen or evaluated
+    backbone has none), nor masks or causal attention (take the ViT's signature, refuse them).
+
+    ``ColsumAttention.patch(vit, blocks)`` puts one in the given 1-based blocks of a timm
+    ``VisionTransformer`` and returns them; see docs/kernels.md for EViT-style token pruning.
+    """
+
+    def __init__(self, attn: nn.Module, *, colsum_rows: int | None = None, backend: str = "auto"):
+        super().__init__()
+        missing = [name for name in ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "proj", "proj_drop")
+                   if not hasattr(attn, name)]
+        if missing:
+            raise ValueError(
+                f"ColsumAttention: {type(attn).__name__} is not a timm Attention (no {', '.join(missing)})"
+            )
+        self.attn, self.colsum_rows, self.backend = attn, colsum_rows, backend
+        self.colsum: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("ColsumAttention: attention masks and causal attention are not supported; pass key "
+                             "biases to amflow_kernels.attention instead")
+        dropout = getattr(self.attn, "attn_drop", None)
+        if self.training and dropout is not None and dropout.p > 0:
+            raise ValueError(f"ColsumAttention: attention dropout ({dropout.p}) is not supported; call eval() "
+                             "or set attn_drop.p = 0")
+        q, k, v = timm_qkv(self.attn, x)
+        scale = float(getattr(self.attn, "scale", self.attn.head_dim**-0.5))
+        out, self.colsum = attention(q, k, v, scale=scale, colsum_rows=self.colsum_rows, backend=self.backend)
+        return timm_attention_output(self.attn, out, x)
+
+    @classmethod
+    def patch(cls, vit: nn.Module, blocks, **options) -> list[ColsumAttention]:
+        """Wrap the attention of ``vit.blocks[b − 1]`` for each 1-based ``b`` in ``blocks``."""
+        depth = len(vit.blocks)
+        if not blocks or any(not 1 <= b <= depth for b in blocks):
+            raise ValueError(f"ColsumAttention.patch: blocks must be 1-based block numbers in 1..{depth}, got {blocks}")
+        patched = []
+        for b in blocks:
+            block = vit.blocks[b - 1]
+            if not isinstance(block.attn, cls):
+                block.attn = cls(block.attn, **options)
+            patched.append(block.attn)
+        return patched
 
 
 class LinearAttention(FusedOpModule):
@@ -175,11 +254,7 @@ class AligningEncoder(FusedOpModule):
         """Encoded frames X: ``(B, T, N, dim)`` from a ViT block's q, k (the layouts of ``am_flow``:
         ``(B, T, H, N, D)``, or ``(B·T, H, N, D)`` with ``num_frames``), H = in_features."""
         q, k, scale = check_frames("AligningEncoder.frame_features", q, k, num_frames, scale)
-        return self._encode_frames(q, k, scale)
-
-    def _encode_frames(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        colsums = attention_colsum(q, k, scale=scale, backend=self.backend)  # (B, T, H, N)
-        return self(colsums.transpose(-1, -2))
+        return self(attention_colsum(q, k, scale=scale, backend=self.backend).transpose(-1, -2))
 
     def aligned_flow(
         self, q: torch.Tensor, k: torch.Tensor, *, num_frames: int | None = None, offset: int = 1,
@@ -188,5 +263,17 @@ class AligningEncoder(FusedOpModule):
         """Aligned AM flow ``|X_t − X_{t+Δ}|``: ``(B, T−Δ, N, dim)``, for the inputs of
         :meth:`frame_features` and the frame distance ``offset`` = Δ."""
         q, k, scale = check_am_flow(q, k, num_frames, offset, scale)
-        x = self._encode_frames(q, k, scale)
+        return self.flow_from_colsums(attention_colsum(q, k, scale=scale, backend=self.backend), offset=offset)
+
+    def flow_from_colsums(self, colsums: torch.Tensor, *, offset: int = 1) -> torch.Tensor:
+        """Aligned AM flow from each frame's attention column sums ``(B, T, H, N)``, H =
+        in_features, as :func:`attention` returns them beside the block's own output (no second
+        pass over the scores): ``(B, T−Δ, N, dim)``."""
+        if colsums.dim() != 4 or colsums.shape[2] != self.in_features:
+            raise ValueError(f"AligningEncoder.flow_from_colsums: colsums must have shape (B, T, "
+                             f"{self.in_features}, N), got {tuple(colsums.shape)}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 1 <= offset < colsums.shape[1]:
+            raise ValueError(f"AligningEncoder.flow_from_colsums: offset must be an int in [1, T = "
+                             f"{colsums.shape[1]}), got {offset!r}")
+        x = self(colsums.transpose(-1, -2))
         return (x[:, :-offset] - x[:, offset:]).abs()

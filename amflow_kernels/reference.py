@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ._layout import as_frames
 
-__all__ = ["am_flow", "attention_colsum", "linear_attention"]
+__all__ = ["am_flow", "attention", "attention_colsum", "linear_attention"]
 
 
 def am_flow(
@@ -48,6 +48,33 @@ def attention_colsum(
         scale = q.shape[-1] ** -0.5
     scores = scale * (q @ k.transpose(-1, -2))
     return scores.softmax(dim=-1).sum(dim=-2)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    key_bias: torch.Tensor | None = None,
+    colsum_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out = P V and colsum[..., j] = Σ_{i < R} P_ij with P = softmax_j(scale · Q Kᵀ + key_bias),
+    R = ``colsum_rows`` (default: every query).
+
+    q: (..., Nq, D), k: (..., Nk, D), v: (..., Nk, Dv), key_bias broadcastable to (..., Nk).
+    Returns out (..., Nq, Dv) in q's dtype and colsum (..., Nk) in float32 (float64 for float64
+    inputs).
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = scale * (q @ k.transpose(-1, -2))  # (..., Nq, Nk)
+    if key_bias is not None:
+        scores = scores + key_bias.to(scores.dtype).unsqueeze(-2)
+    probs = scores.softmax(dim=-1)
+    rows = q.shape[-2] if colsum_rows is None else colsum_rows
+    colsum_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return probs @ v, probs[..., :rows, :].sum(dim=-2).to(colsum_dtype)
 
 
 def linear_attention(

@@ -1,7 +1,9 @@
 """The model package end to end: one inference step and one training step (forward, backward,
 optimiser step) of the AM flow video model on ViT-B/14 with registers (random weights, AM flow
 in all 12 blocks, "AM/12"), with the fused kernels (``backend="auto"``) against the same model
-on the reference ops (``backend="reference"``: the N×N maps in PyTorch).
+on the reference ops (``backend="reference"``: the N×N maps in PyTorch). The aligned variant
+also runs as it did before ``amflow_kernels.attention`` (provider "fused, two passes": SDPA for
+the blocks' attention, then ``attention_colsum`` for the aligning encoder's input).
 
 CUDA: B=8 clips of T=8 frames at 224 px, bf16 autocast (target: the fused kernels ≥ 2× faster
 and ≥ 3× less peak memory). CPU: B=1, T=4, float32, the machine's threads.
@@ -18,6 +20,9 @@ from helpers import require_backend
 SHAPES = {"cuda": {"vit_base_patch14_reg4_dinov2 B8 T8": (8, 8)}, "cpu": {"vit_base_patch14_reg4_dinov2 B1 T4": (1, 4)}}
 WORKLOADS = [(device, name, flow, backend) for device in ("cuda", "cpu") for name in SHAPES[device]
              for flow in ("vanilla", "aligned") for backend in ("auto", "reference")]
+WORKLOADS += [(device, name, "aligned", "two passes") for device, name, flow, backend in WORKLOADS
+              if flow == "aligned" and backend == "auto"]
+PROVIDERS = {"auto": "fused", "reference": "reference", "two passes": "fused, two passes"}
 
 
 def _model(flow: str, backend: str, device: str) -> AMFlowVideoModel:
@@ -28,9 +33,15 @@ def _model(flow: str, backend: str, device: str) -> AMFlowVideoModel:
 
 @pytest.mark.parametrize("mode", ["inference", "train step"])
 @pytest.mark.parametrize("device, shape_name, flow, backend", WORKLOADS)
-def test_am_flow_model(device, shape_name, flow, backend, mode, measure):
+def test_am_flow_model(device, shape_name, flow, backend, mode, measure, monkeypatch):
     require_backend("reference", device)
     batch, frames = SHAPES[device][shape_name]
+    provider = PROVIDERS[backend]
+    if backend == "two passes":
+        from amflow_models.flow import AlignedFlow
+
+        monkeypatch.setattr(AlignedFlow, "colsum_backend", None)
+        backend = "auto"
     model = _model(flow, backend, device)
     video = torch.randn(batch, frames, 3, 224, 224, device=device)
     labels = torch.randint(0, 174, (batch,), device=device)
@@ -59,6 +70,5 @@ def test_am_flow_model(device, shape_name, flow, backend, mode, measure):
         loss.backward()
         optimizer.step()
 
-    provider = "fused" if backend == "auto" else "reference"
     run = inference if mode == "inference" else train_step
     measure(f"AMFlowVideoModel {flow}", device, shape_name, mode, provider, run, parameters, fused=backend == "auto")

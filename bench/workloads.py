@@ -53,14 +53,17 @@ def qkv_inputs(shape, mode, device):
 
 
 def step(forward, mode, inputs):
-    """The timed call: the forward alone, or forward then backward of a fixed random cotangent."""
+    """The timed call: the forward alone, or forward then backward of fixed random cotangents (one
+    per output, where the forward returns several)."""
     if mode == "fwd":
         return forward
-    grad = torch.randn_like(forward())
+    first = forward()
+    grads = [torch.randn_like(x) for x in (first if isinstance(first, tuple) else (first,))]
 
     def forward_backward():
         for t in inputs:
             t.grad = None
-        forward().backward(grad)
+        outputs = forward()
+        torch.autograd.backward(outputs if isinstance(outputs, tuple) else (outputs,), grads)
 
     return forward_backward

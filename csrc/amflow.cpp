@@ -10,6 +10,10 @@
 // linear_attention_*: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) of any strides. The
 // forward returns (out, KV, z), the state in float32 (float64 for float64 inputs); the backward
 // (dq, dk, dv), contiguous.
+// attention_*: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) of any strides, bias (B·H, Nk) in the
+// state dtype or none. The forward returns (out, colsum (B, H, Nk), row statistics (B, H, Nq, 2)), the
+// last two in float32 (float64 for float64 inputs); the backward takes the gradients of out and
+// colsum and returns (dq, dk, dv, dbias), dbias empty without a bias. CPU kernels only, for now.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -63,4 +67,10 @@ TORCH_LIBRARY(amflow, m) {
   m.def(
       "linear_attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor kv, Tensor z, float eps) -> "
       "(Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, int colsum_rows, float scale) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor grad_colsum, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, "
+      "Tensor stats, int colsum_rows, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,4 +1,4 @@
-// Input checks shared by the CPU and CUDA glue of amflow::softmax_colsum_fwd / _bwd. Each
+// Input checks shared by the CPU and CUDA glue of the amflow:: ops. Each
 // message names the argument, the value received and what is accepted.
 //
 // Every kernel entry also opens an at::AutoDispatchBelowADInplaceOrView: the backward ops have
@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <iterator>
+#include <optional>
 #include <string>
 
 namespace amflow {
@@ -95,6 +96,45 @@ inline void check_linear_attention_grad(const char* backend, const at::Tensor& g
               backend, "): kv must be ", state, " of shape ", kv_shape, ", got ", kv.scalar_type(), " ", kv.sizes());
   TORCH_CHECK(z.sizes() == at::IntArrayRef(z_shape) && z.scalar_type() == state, "linear_attention_bwd (", backend,
               "): z must be ", state, " of shape ", z_shape, ", got ", z.scalar_type(), " ", z.sizes());
+}
+
+inline void check_attention_inputs(const char* backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const std::optional<at::Tensor>& bias, int64_t colsum_rows) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention (", backend,
+              "): q, k, v must have shapes (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv), got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), "attention (", backend,
+              "): k.shape must be (B, H, Nk, D) matching q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), "attention (", backend,
+              "): v.shape must be (B, H, Nk, Dv) matching k ", k.sizes(), ", got ", v.sizes());
+  for (const auto* x : {&k, &v}) {
+    TORCH_CHECK(x->scalar_type() == q.scalar_type(), "attention (", backend, "): k and v must have q's dtype ",
+                q.scalar_type(), ", got ", x->scalar_type());
+    TORCH_CHECK(x->device() == q.device(), "attention (", backend, "): k and v must be on q's device ", q.device(),
+                ", got ", x->device());
+  }
+  TORCH_CHECK(colsum_rows >= 1 && colsum_rows <= q.size(2), "attention (", backend,
+              "): colsum_rows must be in [1, Nq = ", q.size(2), "], got ", colsum_rows);
+  if (bias.has_value()) {
+    const std::vector<int64_t> shape{q.size(0) * q.size(1), k.size(2)};
+    TORCH_CHECK(bias->sizes() == at::IntArrayRef(shape) && bias->scalar_type() == q.scalar_type() &&
+                    bias->device() == q.device(),
+                "attention (", backend, "): bias must be ", q.scalar_type(), " of shape ", shape, " on ", q.device(),
+                ", got ", bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
+  }
+}
+
+inline void check_attention_grads(const char* backend, const at::Tensor& grad_out, const at::Tensor& grad_colsum,
+                                  const at::Tensor& stats, const at::Tensor& q, const at::Tensor& v) {
+  const std::vector<int64_t> out_shape{q.size(0), q.size(1), q.size(2), v.size(3)};
+  const std::vector<int64_t> colsum_shape{q.size(0), q.size(1), v.size(2)};
+  const std::vector<int64_t> stats_shape{q.size(0), q.size(1), q.size(2), 2};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape), "attention_bwd (", backend,
+              "): grad_out must have shape ", out_shape, ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_colsum.sizes() == at::IntArrayRef(colsum_shape), "attention_bwd (", backend,
+              "): grad_colsum must have shape ", colsum_shape, ", got ", grad_colsum.sizes());
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef(stats_shape), "attention_bwd (", backend, "): stats must have shape ",
+              stats_shape, ", got ", stats.sizes());
 }
 
 }  // namespace amflow

@@ -32,8 +32,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     interpreter_calls.install()
     interpreter_tf32.install()
 
-from helpers import BACKEND_TARGETS, target_params  # noqa: E402  (after the interpreter is chosen)
-
 
 def _seed_line() -> str:
     settings = ("AMFLOW_TEST_SEED", "TRITON_INTERPRET", "AMFLOW_AUTOTUNE")
@@ -104,19 +102,3 @@ def _nan_poisoned_allocations(monkeypatch):
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-
-
-@pytest.fixture(params=target_params())
-def target(request, monkeypatch):
-    """Each fused backend on each device (Triton twice: resident and blocked forward), skipped
-    with the reason where it cannot run. Returns (backend, device)."""
-    device = request.param.activate(monkeypatch)
-    return request.param.backend, device
-
-
-@pytest.fixture(params=target_params(targets=BACKEND_TARGETS))
-def backend_target(request, monkeypatch):
-    """Each fused backend on each device once, skipped with the reason where it cannot run.
-    Returns (backend, device)."""
-    device = request.param.activate(monkeypatch)
-    return request.param.backend, device

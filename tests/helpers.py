@@ -331,6 +331,8 @@ TARGETS = [
 
 # Each fused backend once per device, for ops with a single forward path.
 BACKEND_TARGETS = [Target("triton", "cpu"), Target("cpu", "cpu"), Target("triton", "cuda"), Target("cuda", "cuda")]
+# The backends with attention kernels: the CUDA extension has none yet (its dispatch says so).
+ATTENTION_TARGETS = [t for t in BACKEND_TARGETS if t.backend != "cuda"]
 
 
 # AMFLOW_GPU_GRIDS_ON_CPU=1 (bench/gpu_session.sh --dry-run): the tests of device "cuda" run

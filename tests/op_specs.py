@@ -1,6 +1,7 @@
 """The public ops as the contract tests (test_op_contracts.py) see them: one entry per op, so
 that a new op gets every contract (determinism, NaN locality, empty batch, partial
-requires_grad, torch.library opcheck, torch.compile fullgraph) by adding one entry here."""
+requires_grad, torch.library opcheck, torch.compile fullgraph, the bad inputs every op refuses
+alike) by adding one entry here."""
 
 from __future__ import annotations
 
@@ -8,22 +9,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from helpers import BACKEND_TARGETS, TARGETS, make_qk, make_qkv, make_single_frame_qk
+from helpers import ATTENTION_TARGETS, BACKEND_TARGETS, TARGETS, make_qk, make_qkv, make_single_frame_qk
 
 import amflow_kernels
 from amflow_kernels import reference
-from amflow_kernels._layout import as_single_frames
+from amflow_kernels._layout import as_heads, as_single_frames
 
 
 @dataclass(frozen=True)
 class OpSpec:
-    """``make(device, batch, tokens)``: the inputs (leaves that require grad) in a layout users
-    pass; ``call(inputs, backend)`` and ``reference(inputs)`` compute the op; ``poison(inputs)``
-    plants non-finite values in detached copies; ``registered(inputs)``: the family, the
-    registered forward op's tensor inputs and its other arguments; ``targets``: the backends
-    (and Triton forward paths) that serve it."""
+    """``function``: the public op; ``blank(tokens, head_dim)``: its tensor inputs by name, float32
+    zeros on the CPU, for the bad-input cases; ``make(device, batch, tokens)``: the inputs (leaves
+    that require grad) in a layout users pass; ``call(inputs, backend)`` and ``reference(inputs)``
+    compute the op; ``poison(inputs)`` plants non-finite values in detached copies;
+    ``registered(inputs)``: the family, the registered forward op's tensor inputs and its other
+    arguments; ``targets``: the backends (and Triton forward paths) that serve it."""
 
     name: str
+    function: Callable
+    blank: Callable
     make: Callable
     call: Callable
     reference: Callable
@@ -60,9 +64,28 @@ def _linear_attention_poison(q, k, v):
     v[0, 1, 5, 0] = float("inf")
 
 
+def _attention_inputs(device, batch, tokens):
+    q, k, v = make_qkv("projection", (batch, 3), tokens, tokens, 16, 24, torch.float32, device)
+    bias = torch.randn(batch, 3, tokens, device=device)
+    bias[..., 1] = float("-inf")  # a masked key
+    return q, k, v, bias.requires_grad_()
+
+
+def _attention_poison(q, k, v, bias):
+    q[1, 0, 4, 2] = float("nan")  # a query row of batch 1, head 0: below colsum_rows, every key's colsum too
+    v[0, 2, 6, 1] = float("inf")
+
+
+def _attention_outputs(out, colsum):
+    """The op's two outputs as one tensor for the contracts: (..., Nq·Dv + Nk)."""
+    return torch.cat([out.flatten(-2), colsum.to(out.dtype)], dim=-1)
+
+
 OP_SPECS = [
     OpSpec(
         name="am_flow",
+        function=amflow_kernels.am_flow,
+        blank=lambda n, d: dict(q=torch.zeros(1, 3, 2, n, d), k=torch.zeros(1, 3, 2, n, d)),
         make=_am_flow_inputs,
         call=lambda inputs, backend: amflow_kernels.am_flow(*inputs, num_frames=3, backend=backend),
         reference=lambda inputs: reference.am_flow(*inputs, num_frames=3),
@@ -73,6 +96,8 @@ OP_SPECS = [
     ),
     OpSpec(
         name="attention_colsum",
+        function=amflow_kernels.attention_colsum,
+        blank=lambda n, d: dict(q=torch.zeros(2, n, d), k=torch.zeros(2, n, d)),
         make=_attention_colsum_inputs,
         call=lambda inputs, backend: amflow_kernels.attention_colsum(*inputs, backend=backend),
         reference=lambda inputs: reference.attention_colsum(*inputs),
@@ -82,7 +107,26 @@ OP_SPECS = [
         tokens=70,
     ),
     OpSpec(
+        name="attention",
+        function=amflow_kernels.attention,
+        blank=lambda n, d: dict(q=torch.zeros(1, 2, n, d), k=torch.zeros(1, 2, n, d), v=torch.zeros(1, 2, n, d)),
+        make=_attention_inputs,
+        call=lambda inputs, backend: _attention_outputs(
+            *amflow_kernels.attention(*inputs[:3], key_bias=inputs[3], colsum_rows=5, backend=backend)
+        ),
+        reference=lambda inputs: _attention_outputs(
+            *reference.attention(*inputs[:3], key_bias=inputs[3], colsum_rows=5)
+        ),
+        poison=_attention_poison,
+        registered=lambda q, k, v, bias: ("attention", (as_heads(q), as_heads(k), as_heads(v), bias.flatten(0, 1)),
+                                          (5, 0.25)),
+        targets=ATTENTION_TARGETS,
+        tokens=70,
+    ),
+    OpSpec(
         name="linear_attention",
+        function=amflow_kernels.linear_attention,
+        blank=lambda n, d: dict(q=torch.zeros(1, 2, n, d), k=torch.zeros(1, 2, n, d), v=torch.zeros(1, 2, n, d)),
         make=_linear_attention_inputs,
         call=lambda inputs, backend: amflow_kernels.linear_attention(*inputs, backend=backend),
         reference=lambda inputs: reference.linear_attention(*inputs),

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cases import COLSUM_GPU_CASES, LINEAR_GPU_PARAMS
+from cases import AM_FLOW_GPU_CASES, ATTENTION_COLSUM_GPU_CASES, ATTENTION_GPU_PARAMS, LINEAR_GPU_PARAMS
 from helpers import Target, make_qk, make_qkv, make_single_frame_qk
-from test_attention_colsum import GPU_CASES as ATTENTION_COLSUM_GPU_CASES
 from triton_compiles import recording
 
 import amflow_kernels
@@ -28,11 +27,12 @@ from workloads import SHAPES, qkv_inputs
 
 pytestmark = pytest.mark.skipif(not triton_device.INTERPRET, reason="counts launches under Triton's interpreter")
 
-# Compilations per stage (measured: 423 and 84 at this revision). On the GPU machine's 16
-# cores, pytest-xdist spreads the smoke grid's over 16 workers; the bench compiles in one
-# process, inside its own timeouts.
-SMOKE_BUDGET = 450
-BENCH_BUDGET = 100
+# Compilations per stage (measured: 453 and 94 at this revision, 30 and 10 of them attention's).
+# On the GPU machine's 16 cores, pytest-xdist spreads the smoke grid's over 16 workers (the H200
+# ran 423 of them, with the whole smoke grid, in 62 s of the stage's 180 on 2026-12-04); the bench
+# compiles in one process, inside its own timeouts.
+SMOKE_BUDGET = 480
+BENCH_BUDGET = 110
 H200_MULTIPROCESSORS = 132
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AUTOTUNED = ("colsum_fwd_resident_kernel", "colsum_fwd_stats_kernel", "colsum_bwd_rowdot_kernel")
@@ -42,13 +42,17 @@ def _fwd_bwd(out):
     out.backward(torch.ones_like(out))
 
 
+def _fwd_bwd_all(outputs):
+    torch.autograd.backward(outputs, [torch.ones_like(x) for x in outputs])
+
+
 def _smoke_grid(monkeypatch):
     """Every launch of the GPU smoke grid (tests marked smoke), both Triton forward paths."""
     smoke = lambda case: case[3] in (17, 261)  # noqa: E731  (cases.py's rule for the colsum grids)
     for path in ("resident", "blocked"):
         Target("triton", "cpu", path).activate(monkeypatch)
         for dtype in GPU_DTYPES:
-            for B, T, H, N, D, offset, layout in filter(smoke, COLSUM_GPU_CASES):
+            for B, T, H, N, D, offset, layout in filter(smoke, AM_FLOW_GPU_CASES):
                 q, k, kw = make_qk(layout, B, T, H, N, D, dtype, "cpu")
                 _fwd_bwd(amflow_kernels.am_flow(q, k, offset=offset, backend="triton", **kw))
             for shape, layout in ATTENTION_COLSUM_GPU_CASES:
@@ -61,6 +65,12 @@ def _smoke_grid(monkeypatch):
                 n, d, dv, layout = param.values[0]
                 _fwd_bwd(amflow_kernels.linear_attention(*make_qkv(layout, (4, 12), n, n, d, dv, dtype, "cpu"),
                                                          backend="triton"))
+        for param in ATTENTION_GPU_PARAMS:
+            if any(mark.name == "smoke" for mark in param.marks):
+                lead, nq, nk, d, dv, rows, bias, layout = param.values[0]
+                q, k, v = make_qkv(layout, lead, nq, nk, d, dv, dtype, "cpu")
+                key_bias = torch.zeros(*lead, nk, requires_grad=True) if bias is not None else None
+                _fwd_bwd_all(amflow_kernels.attention(q, k, v, key_bias=key_bias, colsum_rows=rows, backend="triton"))
 
 
 def _bench(monkeypatch):
@@ -74,6 +84,7 @@ def _bench(monkeypatch):
         _fwd_bwd(amflow_kernels.am_flow(q, k, num_frames=T, backend="triton"))
         _fwd_bwd(amflow_kernels.attention_colsum(q, k, backend="triton"))
         _fwd_bwd(amflow_kernels.linear_attention(q, k, v, backend="triton"))
+        _fwd_bwd_all(amflow_kernels.attention(q, k, v, backend="triton"))
 
 
 def _fresh_autotuners(monkeypatch, compile_every_candidate: bool):

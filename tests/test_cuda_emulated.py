@@ -23,11 +23,11 @@ import cuda_emulator
 import pytest
 import torch
 from cases import (
-    COLSUM_CPU_CASES,
+    AM_FLOW_CPU_CASES,
     LINEAR_GRID,
     LINEAR_SHAPE_IDS,
     LINEAR_SHAPES,
-    colsum_case_id,
+    am_flow_case_id,
     grid_eps,
 )
 from helpers import (
@@ -99,7 +99,7 @@ def _check_colsum(emulated, case, paired, build, dtype, **variant):
 
 @pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
 @pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
-@pytest.mark.parametrize("case", COLSUM_CPU_CASES, ids=colsum_case_id)
+@pytest.mark.parametrize("case", AM_FLOW_CPU_CASES, ids=am_flow_case_id)
 def test_softmax_colsum(emulated, case, paired, build, dtype):
     _check_colsum(emulated, case, paired, build, dtype)
 
@@ -173,7 +173,7 @@ def _in_both_schedules(kernels, run):
 # kernels to their promise of results that do not depend on scheduling.
 @pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
 @pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
-@pytest.mark.parametrize("case", [(2, 3, 2, 65, 40, 1, "qkv"), (1, 3, 1, 33, 128, 2, "strided")], ids=colsum_case_id)
+@pytest.mark.parametrize("case", [(2, 3, 2, 65, 40, 1, "qkv"), (1, 3, 1, 33, 128, 2, "strided")], ids=am_flow_case_id)
 def test_softmax_colsum_race_free(emulated, case, paired, build, dtype):
     B, T, H, N, D, offset, layout = case
     q, k = _frames(layout, B, T, H, N, D, dtype)
@@ -209,7 +209,7 @@ CHECKED_COLSUM_CASES = [(1, 3, 2, 33, 40, 1, "qkv"), (1, 2, 1, 17, 80, 1, "strid
 
 @pytest.mark.parametrize("build, dtype", COLSUM_BUILDS, ids=COLSUM_BUILD_IDS)
 @pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
-@pytest.mark.parametrize("case", CHECKED_COLSUM_CASES, ids=colsum_case_id)
+@pytest.mark.parametrize("case", CHECKED_COLSUM_CASES, ids=am_flow_case_id)
 def test_softmax_colsum_checked(emulated, case, paired, build, dtype):
     _check_colsum(emulated, case, paired, build, dtype, checked=True)
 

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import require_backend
+from helpers import require_backend, target_params
 
 import amflow_kernels
 from amflow_kernels import reference
 from amflow_kernels._dispatch import BACKENDS
 
 
-def test_auto_refuses_silent_fallback(target):
+@pytest.mark.parametrize("target", target_params())
+def test_auto_refuses_silent_fallback(target, monkeypatch):
     """Where fused backends exist but all reject the inputs, auto raises instead of using the reference."""
-    _, device = target
+    device = target.activate(monkeypatch)
     q = torch.zeros(1, 3, 2, 4, 300, dtype=torch.float16, device=device)
     with pytest.raises(ValueError, match=rf"no fused backend on {device.type} accepts .*backend='reference'"):
         amflow_kernels.am_flow(q, q)
@@ -71,6 +72,11 @@ def _linear_attention(launch, device, dtype, d):
     return launch(q, k, v)
 
 
+def _attention(launch, device, dtype, d):
+    q, k, v = (torch.randn(1, 2, 3, d, device=device, dtype=dtype) for _ in range(3))
+    return launch(q, k, v, d**-0.5)
+
+
 EXTENSION_LAUNCHES = {
     "am_flow": lambda *a: _softmax_colsum(
         lambda q, k, s: torch.ops.amflow.softmax_colsum_fwd(q, k, 1, True, s), *a
@@ -78,13 +84,20 @@ EXTENSION_LAUNCHES = {
     "linear_attention": lambda *a: _linear_attention(
         lambda q, k, v: torch.ops.amflow.linear_attention_fwd(q, k, v, 1e-6), *a
     ),
+    "attention": lambda *a: _attention(lambda q, k, v, s: torch.ops.amflow.attention_fwd(q, k, v, None, 2, s), *a),
 }
+
+
+def _require_kernels(op: str, device: str) -> None:
+    require_backend(device, device)
+    if (lacking := BACKENDS[device].lacks(op)) is not None:
+        pytest.skip(reason=lacking)
 
 
 @pytest.mark.parametrize("device", EXTENSION_DEVICES)
 @pytest.mark.parametrize("op", EXTENSION_LAUNCHES)
 def test_extension_takes_exactly_its_declared_dtypes(op, device):
-    require_backend(device, device)
+    _require_kernels(op, device)
     declared = BACKENDS[device].dtypes(op)
     assert declared, f"the extension declares no dtypes for {device}"
     for dtype in FLOAT_DTYPES:
@@ -98,7 +111,7 @@ def test_extension_takes_exactly_its_declared_dtypes(op, device):
 @pytest.mark.parametrize("device", EXTENSION_DEVICES)
 @pytest.mark.parametrize("op", EXTENSION_LAUNCHES)
 def test_extension_takes_exactly_its_declared_head_dims(op, device):
-    require_backend(device, device)
+    _require_kernels(op, device)
     limit = BACKENDS[device].max_head_dim(op)
     if limit is None:  # any head dim: one past the GPU kernels' largest runs
         EXTENSION_LAUNCHES[op](device, torch.float32, 257)
@@ -109,7 +122,7 @@ def test_extension_takes_exactly_its_declared_head_dims(op, device):
 
 
 def _triton_ops():
-    from amflow_kernels.ops import linear_attention_triton, softmax_colsum_triton
+    from amflow_kernels.ops import attention_triton, linear_attention_triton, softmax_colsum_triton
 
     return {
         "am_flow": lambda *a: _softmax_colsum(
@@ -118,11 +131,12 @@ def _triton_ops():
         "linear_attention": lambda *a: _linear_attention(
             lambda q, k, v: linear_attention_triton.linear_attention_fwd(q, k, v, 1e-6), *a
         ),
+        "attention": lambda *a: _attention(lambda q, k, v, s: attention_triton.attention_fwd(q, k, v, None, 2, s), *a),
     }
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("op", ["am_flow", "linear_attention"])
+@pytest.mark.parametrize("op", ["am_flow", "linear_attention", "attention"])
 def test_triton_takes_exactly_its_declared_head_dims(op, device):
     require_backend("triton", device)
     limit = BACKENDS["triton"].max_head_dim(op)

@@ -348,3 +348,29 @@ def test_bad_videos(shape, dtype, match):
     model = AMFlowVideoModel(tiny_backbone(), 4, adapter_dim=8)
     with pytest.raises((ValueError, TypeError), match=match):
         model(torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_aligned_flow_from_the_blocks_attention_equals_the_second_pass(backend, monkeypatch):
+    """The aligned variant's column sums come from amflow_kernels.attention beside the block's
+    output; with that turned off (SDPA, then attention_colsum: the two passes it replaces) the
+    logits and every trainable gradient are the same up to rounding."""
+    from amflow_models.flow import AlignedFlow
+
+    model = AMFlowVideoModel(tiny_backbone(), 4, flow="aligned", adapter_dim=8, aligner_dim=24, backend=backend)
+    model = model.double()
+    randomise_adapters(model)
+    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
+
+    def step():
+        model.zero_grad()
+        logits = model(video)
+        logits.square().sum().backward()
+        return logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    one_pass, grads = step()
+    monkeypatch.setattr(AlignedFlow, "colsum_backend", None)
+    two_passes, expected = step()
+    torch.testing.assert_close(one_pass, two_passes, rtol=1e-10, atol=1e-10)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")

@@ -1,14 +1,18 @@
 """What every public op promises on every fused backend, driven by one table (op_specs.py):
 bitwise determinism, NaN locality, an empty batch, gradients when only some inputs require
-them, torch.library's opcheck of the registered ops, and torch.compile(fullgraph=True)."""
+them, torch.library's opcheck of the registered ops, torch.compile(fullgraph=True), and the bad inputs
+every op refuses alike (each op's own file keeps those of its own arguments)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 from helpers import as_float64_leaves, assert_close, target_params
 from op_specs import OP_SPECS
 
+from amflow_kernels._dispatch import BACKENDS
 from amflow_kernels.ops import registration
 
 SMALL = 17  # tokens: past one 16-row tile, still quick under the interpreter
@@ -87,8 +91,10 @@ def test_opcheck(spec, target, monkeypatch):
     fwd, bwd = (registration.op(family, target.backend, direction) for direction in ("fwd", "bwd"))
     for requires_grad in (True, False):
         torch.library.opcheck(fwd, (*(x.clone().requires_grad_(requires_grad) for x in tensors), *extra))
-    out, *saved = fwd(*tensors, *extra)
-    torch.library.opcheck(bwd, (torch.randn_like(out), *tensors, *saved, *extra))
+    outputs = fwd(*tensors, *extra)
+    grads = [torch.randn_like(x) for x in outputs[: registration.DIFFERENTIABLE_OUTPUTS[family]]]
+    saved = [outputs[i] for i in registration.SAVED_OUTPUTS[family]]
+    torch.library.opcheck(bwd, (*grads, *tensors, *saved, *extra))
 
 
 @pytest.mark.parametrize("spec, target", CONTRACTS)
@@ -111,3 +117,68 @@ def test_compile_fullgraph(spec, target, monkeypatch):
     torch.testing.assert_close(out, eager_out, rtol=1e-6, atol=1e-6)
     for grad, x in zip(grads, inputs):
         torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-6)
+
+
+
+def _backend_limit_cases(spec):
+    """What each fused backend declares it does not take for the op (dtypes; head dims beyond
+    its maximum), on the device it runs: refused, naming the backend, the inputs and the limit."""
+    for name, backend in BACKENDS.items():
+        if not backend.fused:
+            continue
+        on_gpu = name == "cuda" or (name == "triton" and torch.cuda.is_available())
+        device = torch.device("cuda" if on_gpu else "cpu")
+        if (why := backend.unavailable(device)) is not None:
+            yield pytest.param(spec, {}, None, "", id=f"{spec.name}-{name}-limits",
+                               marks=pytest.mark.skip(reason=f"the {name} backend cannot run here: {why}"))
+            continue
+        if (lacking := backend.lacks(spec.name)) is not None:
+            inputs = {n: x.to(device) for n, x in spec.blank(4, 8).items()}
+            yield pytest.param(spec, {**inputs, "backend": name}, RuntimeError,
+                               rf"backend '{name}' cannot run .*{re.escape(lacking)}",
+                               id=f"{spec.name}-{name}-no-kernels")
+            continue
+        dtypes = backend.dtypes(spec.name)
+        accepted = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        for dtype in [d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64) if d not in dtypes]:
+            inputs = {n: x.to(device, dtype) for n, x in spec.blank(4, 8).items()}
+            yield pytest.param(
+                spec, {**inputs, "backend": name}, RuntimeError,
+                rf"backend '{name}' cannot run .*dtype {dtype} is not supported \(accepted: {accepted}\)",
+                id=f"{spec.name}-{name}-{str(dtype).removeprefix('torch.')}",
+            )
+        if (limit := backend.max_head_dim(spec.name)) is not None:
+            inputs = {n: x.to(device, dtypes[0]) for n, x in spec.blank(4, limit + 1).items()}
+            yield pytest.param(spec, {**inputs, "backend": name}, RuntimeError,
+                               rf"backend '{name}' cannot run .* {limit + 1} exceeds its maximum {limit}",
+                               id=f"{spec.name}-{name}-head-dim-{limit + 1}")
+
+
+def _bad_input_cases(spec):
+    """The bad inputs every op refuses alike, with the error and the message it gives."""
+    x = spec.blank(4, 8)
+    cases = {
+        "q-not-a-tensor": ({**x, "q": [1.0]}, TypeError, "q must be a torch.Tensor, got list"),
+        "integer-dtype": ({n: t.int() for n, t in x.items()}, TypeError,
+                          r"q.dtype must be one of float16, bfloat16, float32, float64, got torch.int32"),
+        "k-dtype-differs": ({**x, "k": x["k"].double()}, TypeError,
+                            r"k.dtype must equal q.dtype \(torch.float32\), got torch.float64"),
+        "k-device-differs": ({**x, "k": x["k"].to("meta")}, ValueError,
+                             r"k.device must equal q.device \(cpu\), got meta"),
+        "no-tokens": (spec.blank(0, 8), ValueError,
+                      r"q[, kv]* (must have|need) at least one token and one channel \(.* ≥ 1\), got .*0, 8\)"),
+        "unknown-backend": ({**x, "backend": "cudnn"}, ValueError,
+                            r"backend must be one of \('auto', 'reference', 'triton', 'cuda', 'cpu'\), got 'cudnn'"),
+        "cuda-backend-on-cpu": ({**x, "backend": "cuda"}, RuntimeError,
+                                r"backend 'cuda' cannot run .*(runs CUDA tensors, not cpu|not available)"),
+    }
+    for label, (inputs, error, message) in cases.items():
+        yield pytest.param(spec, inputs, error, message, id=f"{spec.name}-{label}")
+    yield from _backend_limit_cases(spec)
+
+
+@pytest.mark.parametrize("spec, inputs, error, message", [case for spec in OP_SPECS for case in _bad_input_cases(spec)])
+def test_bad_input(spec, inputs, error, message):
+    """A clear error that names the op, the argument, the value and what is accepted."""
+    with pytest.raises(error, match=rf"^{spec.name}: {message}"):
+        spec.function(**inputs)

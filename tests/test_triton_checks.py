@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cases import COLSUM_CPU_CASES, colsum_case_id
+from cases import AM_FLOW_CPU_CASES, am_flow_case_id
 from helpers import Target, check_against_reference, make_qk, make_qkv, require_backend, through_autograd
 from triton._C.libtriton import ir
 
@@ -104,7 +104,7 @@ def _random_picks(monkeypatch):
 # Every other case of the colsum grid, blocked (three autotuned candidates under the interpreter).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("paired", [True, False], ids=["am_flow", "attention_colsum"])
-@pytest.mark.parametrize("case", COLSUM_CPU_CASES[::2], ids=colsum_case_id)
+@pytest.mark.parametrize("case", AM_FLOW_CPU_CASES[::2], ids=am_flow_case_id)
 def test_random_tiles_match_reference(case, paired, dtype, monkeypatch):
     """The blocked kernels at tiles drawn at random per key: partners keep each other's tiles
     and every tile size masks its edges."""

@@ -15,7 +15,9 @@ that the autotuners and launchers can choose to no spill, on the code a launch c
   runs it) at every pair of head-dim tiles 16–128, as the launcher configures them: a program
   holds a D × BLOCK_E slice of the state (``state_slice_width``), not the whole D × Dv state,
   which spilled at D or Dv = 128 at every tile size tried (up to 2 KB per thread in bf16), on
-  warps by the slice's size (``launch_config``).
+  warps by the slice's size (``launch_config``);
+- attention (out and colsum): all five kernels with a key bias at the launcher's tiles
+  (``launch_tiles``) for head-dim tiles 64 and 128, the widest of each of its tile shapes.
 
 Register allocation grows with a tile, so a config checked at its largest admitted tile holds
 at the smaller ones. Paired (AM flow) only: attention colsum runs the same code with the second
@@ -29,7 +31,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from triton_aot import case_id, colsum_case, compile_cases_once, linear_cases
+from triton_aot import attention_cases, case_id, colsum_case, compile_cases_once, linear_cases
 
 from amflow_kernels.ops import softmax_colsum_tiles
 
@@ -84,7 +86,8 @@ BLOCKED_CASES = [
 # products run on FMAs, and a 16 × 16 tile is Triton's smallest). Anything else must not spill.
 FALLBACK_SPILLS = {(90, 128): 16, (90, 256): 28, (80, 128): 0, (80, 256): 0}
 LINEAR_CASES = linear_cases(ARCHS, _dtypes)
-CASES = RESIDENT_CASES + BLOCKED_CASES + LINEAR_CASES
+ATTENTION_CASES = attention_cases(ARCHS, _dtypes)
+CASES = RESIDENT_CASES + BLOCKED_CASES + LINEAR_CASES + ATTENTION_CASES
 
 
 @pytest.fixture(scope="module")

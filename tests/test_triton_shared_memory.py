@@ -14,6 +14,8 @@ bounds by which configs are chosen for the device:
   does the bound of the smallest blocked tiles, so every head dim keeps a config.
 - linear attention: no autotuner and one launch config per dtype; every kernel at every pair
   of head-dim tiles fits the smallest sm_80-class GPU.
+- attention: no autotuner, one tile shape per dtype and head-dim tile; every kernel at head-dim
+  tiles 64 and 128 fits it too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from triton_aot import case_id, colsum_case, compile_cases_once, linear_cases
+from triton_aot import attention_cases, case_id, colsum_case, compile_cases_once, linear_cases
 
 from amflow_kernels.ops import softmax_colsum_tiles
 
@@ -48,6 +50,7 @@ FIT_CASES = [
 ]
 
 LINEAR_CASES = linear_cases((80,), lambda block_d: tuple(ITEMSIZE))
+ATTENTION_CASES = attention_cases((80,), lambda block_d: tuple(ITEMSIZE))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def shared_memory(session_dir):
     """Bytes of shared memory per case id."""
     if "nvidia" not in triton.backends.backends:
         pytest.skip(reason="this Triton has no NVIDIA backend to compile for")
-    cases = BOUND_CASES + FIT_CASES + LINEAR_CASES
+    cases = BOUND_CASES + FIT_CASES + LINEAR_CASES + ATTENTION_CASES
     return {key: r["shared"] for key, r in compile_cases_once(cases, session_dir).items()}
 
 
@@ -76,7 +79,7 @@ def test_smallest_blocked_tiles_fit_sm86(dtype):
     assert bound <= SM86_SHARED_MEMORY
 
 
-@pytest.mark.parametrize("case", FIT_CASES + LINEAR_CASES, ids=case_id)
+@pytest.mark.parametrize("case", FIT_CASES + LINEAR_CASES + ATTENTION_CASES, ids=case_id)
 def test_fits_sm86(shared_memory, case):
     needed = shared_memory[case_id(case)]
     assert needed <= SM86_SHARED_MEMORY, f"needs {needed} bytes of shared memory; an sm_86 GPU has {SM86_SHARED_MEMORY}"

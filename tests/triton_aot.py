@@ -29,16 +29,18 @@ from triton.compiler import ASTSource
 
 POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 # Arguments by role: tensors of the input dtype, fp32 buffers, ints and floats.
-INPUT_TENSORS = {"Q", "K", "V", "X", "Y", "OUT", "DQ", "DK", "DQK", "DV_OUT", "GRAD"}
-FLOAT_BUFFERS = {"STATS", "C", "STATS_BWD", "S_PART", "R_PART", "DEN", "W", "KV", "Z", "DKV", "DZ"}
+INPUT_TENSORS = {"Q", "K", "V", "X", "Y", "OUT", "DQ", "DK", "DQK", "DV_OUT", "GRAD", "GRAD_OUT"}
+FLOAT_BUFFERS = {"STATS", "C", "STATS_BWD", "S_PART", "R_PART", "DEN", "W", "KV", "Z", "DKV", "DZ", "BIAS", "COLSUM",
+                 "GRAD_COLSUM", "DELTA", "DBIAS"}
 FLOATS = {"scale", "eps"}
 ALIGNED = [["tt.divisibility", 16]]
 
 
 def _kernel(name: str):
-    from amflow_kernels.ops import linear_attention_triton, softmax_colsum_triton
+    from amflow_kernels.ops import attention_triton, linear_attention_triton, softmax_colsum_triton
 
-    kernel = getattr(softmax_colsum_triton, name, None) or getattr(linear_attention_triton, name)
+    modules = (softmax_colsum_triton, linear_attention_triton, attention_triton)
+    kernel = next(getattr(module, name) for module in modules if hasattr(module, name))
     return kernel.fn if isinstance(kernel, triton.runtime.autotuner.Autotuner) else kernel
 
 
@@ -81,6 +83,34 @@ def linear_cases(ccs, dtypes_for) -> list[dict]:
         for kernel, weighted in kernels
     ]
     return list({case_id(case): case for case in cases}.values())
+
+
+ATTENTION_KERNELS = ("attention_fwd_kernel", "attention_colsum_kernel", "attention_bwd_rowdot_kernel",
+                     "attention_bwd_dkv_kernel", "attention_bwd_dq_kernel")
+
+
+def attention_cases(ccs, dtypes_for) -> list[dict]:
+    """Every attention kernel as the launcher runs it (``launch_tiles``), with a key bias, at the
+    widest head-dim tiles of each of its two tile shapes (64 and 128: registers grow with the
+    tiles), for each compute capability in ``ccs`` and each dtype ``dtypes_for(block_d)`` gives."""
+    import torch
+
+    from amflow_kernels.ops import attention_triton, triton_device
+
+    cases = []
+    for cc in ccs:
+        for block_d in (64, 128):
+            for dtype in dtypes_for(block_d):
+                tiles = attention_triton.launch_tiles(block_d, block_d, getattr(torch, dtype))
+                num_warps = tiles.pop("num_warps")
+                constexprs = dict(HAS_BIAS=True, PRECISION=triton_device.input_precision(getattr(torch, dtype)),
+                                  **tiles)
+                for kernel in ATTENTION_KERNELS:
+                    fn = _kernel(kernel)
+                    own = {name: value for name, value in constexprs.items() if name in fn.arg_names}
+                    cases.append(dict(kernel=kernel, dtype=dtype, cc=cc, num_warps=num_warps, num_stages=1,
+                                      constexprs=own))
+    return cases
 
 
 def _source(fn, dtype: str, constexprs: dict) -> ASTSource:

@@ -48,11 +48,23 @@ def _limits() -> dict[str, dict]:
 LIMITS = _limits()
 
 
-# Device types the extension has kernels for, read once: dispatch runs on every call and
-# under torch.compile, where the dispatcher query cannot be traced.
-KERNEL_DEVICES = frozenset(
-    device
+# The op families the extension may declare (csrc/amflow.cpp), and, read once, the ones each
+# device type has kernels for: dispatch runs on every call and under torch.compile, where the
+# dispatcher query cannot be traced.
+FAMILIES = ("softmax_colsum", "linear_attention", "attention")
+
+
+def has_family(family: str) -> bool:
+    """Whether the extension declares ``family``'s ops."""
+    return EXTENSION_ERROR is None and bool(torch._C._jit_get_schemas_for_operator(f"amflow::{family}_fwd"))
+
+
+KERNEL_FAMILIES = {
+    device: frozenset(
+        family for family in FAMILIES
+        if has_family(family)
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"amflow::{family}_fwd", device.upper())
+    )
     for device in ("cpu", "cuda")
-    if EXTENSION_ERROR is None
-    and torch._C._dispatch_has_kernel_for_dispatch_key("amflow::softmax_colsum_fwd", device.upper())
-)
+}
+KERNEL_DEVICES = frozenset(device for device, families in KERNEL_FAMILIES.items() if families)

@@ -2,9 +2,11 @@
 // tasks. It is ours rather than ATen's: the kernels run thousands of small heads and row blocks
 // (head dims of 4 to 64, a few dozen tokens), where a dispatched call per product would cost
 // more than the arithmetic; and it makes no allocation and no dispatcher round trip in a worker.
-// Sums run in k order, so results do not depend on the thread count.
+// Sums run in k order, so results do not depend on the thread count. ``gemm`` picks between it
+// and ATen's GEMM by the product's size.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -78,6 +80,26 @@ void small_gemm(scalar_t* Y, int64_t y_stride, const Operand<scalar_t>& A, const
       Y[r * y_stride + c] = sum;
     }
   }
+}
+
+// Y (rows × C, row stride y_stride) = A B, or += A B when accumulating; B is K × C with row
+// stride b_stride. Small products go to our register GEMM, where an ATen call per product
+// would cost more than the arithmetic (attention_colsum on a few dozen tokens runs one task per
+// frame and head); large ones to ATen's GEMM (MKL) on views of the same buffers, whose wider
+// vector kernels win there. The threshold is the measured crossover (2 threads, AVX2 build;
+// 2^14 and 2^20 were each slower at some token count from 17 to 1370).
+constexpr int64_t kAtenGemmMacs = int64_t{1} << 17;
+
+template <typename scalar_t>
+void gemm(scalar_t* Y, int64_t y_stride, const Operand<scalar_t>& A, const scalar_t* B, int64_t b_stride,
+          int64_t rows, int64_t K, int64_t C, bool accumulate) {
+  if (rows * K * C < kAtenGemmMacs) return small_gemm(Y, y_stride, A, B, b_stride, rows, K, C, accumulate);
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  const auto a = at::from_blob(const_cast<scalar_t*>(A.data), {rows, K}, {A.row_stride, A.k_stride}, options);
+  const auto b = at::from_blob(const_cast<scalar_t*>(B), {K, C}, {b_stride, 1}, options);
+  auto y = at::from_blob(Y, {rows, C}, {y_stride, 1}, options);
+  if (accumulate) y.addmm_(a, b);
+  else at::mm_out(y, a, b);
 }
 
 template <typename scalar_t>

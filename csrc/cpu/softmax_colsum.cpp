@@ -155,26 +155,6 @@ struct Scratch {
         grads(backward ? s.T * R * s.Np : 0), grad_row(backward ? s.Np : 0), z(s.Np), x(s.Np) {}
 };
 
-// Y (rows × C, row stride y_stride) = A B, or += A B when accumulating; B is K × C with row
-// stride b_stride. Small products go to our register GEMM, where an ATen call per product
-// would cost more than the arithmetic (attention_colsum on a few dozen tokens runs one task per
-// frame and head); large ones to ATen's GEMM (MKL) on views of the same buffers, whose wider
-// vector kernels win there. The threshold is the measured crossover (2 threads, AVX2 build;
-// 2^14 and 2^20 were each slower at some token count from 17 to 1370).
-constexpr int64_t kAtenGemmMacs = int64_t{1} << 17;
-
-template <typename scalar_t>
-void gemm(scalar_t* Y, int64_t y_stride, const Operand<scalar_t>& A, const scalar_t* B, int64_t b_stride,
-          int64_t rows, int64_t K, int64_t C, bool accumulate) {
-  if (rows * K * C < kAtenGemmMacs) return small_gemm(Y, y_stride, A, B, b_stride, rows, K, C, accumulate);
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  const auto a = at::from_blob(const_cast<scalar_t*>(A.data), {rows, K}, {A.row_stride, A.k_stride}, options);
-  const auto b = at::from_blob(const_cast<scalar_t*>(B), {K, C}, {b_stride, 1}, options);
-  auto y = at::from_blob(Y, {rows, C}, {y_stride, 1}, options);
-  if (accumulate) y.addmm_(a, b);
-  else at::mm_out(y, a, b);
-}
-
 // keys_t[t] = scale · K_tᵀ (D × Np, the padded columns left zero) for every frame of the task:
 // whole W × W blocks transposed in registers, the edges element by element, then scaled.
 template <typename scalar_t>

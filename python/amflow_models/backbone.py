@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import amflow_kernels
+from amflow_kernels.nn import timm_attention_output, timm_qkv
+
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTENTION_PARTS = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop")
 _MODEL_PARTS = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head")
@@ -88,28 +91,29 @@ def embed_frames(backbone: nn.Module, frames: torch.Tensor) -> torch.Tensor:
 
 
 def attention_qk(
-    attn: nn.Module, x: torch.Tensor, shift_kv=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """timm's ``Attention.forward`` for ``x`` ``(F, N, C)``, also returning its q and k.
+    attn: nn.Module, x: torch.Tensor, shift_kv=None, colsum_backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """timm's ``Attention.forward`` for ``x`` ``(F, N, C)``, also returning its q and k and, with
+    ``colsum_backend``, the attention each token receives.
 
     q and k are ``(F, H, N, D)`` strided views of the fused qkv projection (after timm's
     optional q/k norms): no recomputation and no copy. The output is computed with SDPA as in
-    timm. ``shift_kv``, if given, maps ``(k, v)`` to the keys and values the heads attend to
-    (ZeroI2V's temporal heads); q and the returned k are unshifted.
+    timm, or, with ``colsum_backend``, by ``amflow_kernels.attention`` on that backend, whose
+    column sums ``(F, H, N)`` come from the same pass (else None). ``shift_kv``, if given, maps
+    ``(k, v)`` to the keys and values the heads attend to (ZeroI2V's temporal heads); q and the
+    returned k are unshifted.
     """
-    frames, tokens, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(frames, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = timm_qkv(attn, x)
     k_seen, v_seen = shift_kv(k, v) if shift_kv is not None else (k, v)
     dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k_seen, v_seen, dropout_p=dropout, scale=attn_scale(attn))
-    out = out.transpose(1, 2).reshape(frames, tokens, attn.num_heads * attn.head_dim)
-    out = getattr(attn, "norm", nn.Identity())(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), q, k
+    colsums = None
+    if colsum_backend is None:
+        out = F.scaled_dot_product_attention(q, k_seen, v_seen, dropout_p=dropout, scale=attn_scale(attn))
+    elif dropout:
+        raise ValueError(f"attention_qk: attention dropout ({dropout}) with column sums; the frozen backbone has none")
+    else:
+        out, colsums = amflow_kernels.attention(q, k_seen, v_seen, scale=attn_scale(attn), backend=colsum_backend)
+    return timm_attention_output(attn, out, x), q, k, colsums
 
 
 def attn_scale(attn: nn.Module) -> float:

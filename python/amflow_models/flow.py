@@ -56,7 +56,8 @@ class VanillaFlow(FusedOpModule):
         super().__init__()
         self.features, self.offset, self.norm, self.backend = num_heads, offset, check_norm(norm), backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, num_frames: int, scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, num_frames: int, scale: float, colsums=None) -> torch.Tensor:
+        """``colsums``: unused (vanilla AM flow needs the score maps of two frames)."""
         flow = amflow_kernels.am_flow(
             q, k, num_frames=num_frames, offset=self.offset, scale=scale, backend=self.backend
         )
@@ -77,6 +78,18 @@ class AlignedFlow(nn.Module):
             num_heads, dim, depth, encoder_heads, num_tokens=num_tokens, backend=backend
         )
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, num_frames: int, scale: float) -> torch.Tensor:
-        flow = self.encoder.aligned_flow(q, k, num_frames=num_frames, offset=self.offset, scale=scale)
+    @property
+    def colsum_backend(self) -> str:
+        """The backend the block's attention runs on (``amflow_kernels.attention``), to give the
+        column sums this flow reads in the same pass as its output: the encoder's."""
+        return self.encoder.backend
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, num_frames: int, scale: float, colsums: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """From ``colsums`` ``(B·T, H, N)`` where the block's attention gave them, else from q, k."""
+        if colsums is not None:
+            flow = self.encoder.flow_from_colsums(colsums.unflatten(0, (-1, num_frames)), offset=self.offset)
+        else:
+            flow = self.encoder.aligned_flow(q, k, num_frames=num_frames, offset=self.offset, scale=scale)
         return _pad_last_frames(_normalise(flow, self.norm), self.offset)

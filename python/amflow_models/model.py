@@ -8,7 +8,9 @@ sub-layers (eq. 1):
     h = LN₂(x);  x ← x + MLP(h)  + a_mlp(h)
 
 ``flow`` is the block's AM flow per token, from the q, k the block's attention already computed
-(vanilla: ``am_flow``, H channels; aligned: the aligning encoder, its width in channels).
+(vanilla: ``am_flow``, H channels; aligned: the aligning encoder, its width in channels, on the
+column sums that ``amflow_kernels.attention`` returns beside the block's attention output: one
+pass over the scores gives both).
 In each TPM block (``tpm_blocks``, default every adapted block) each adapter's down-projected
 embedding feeds a temporal processing module (TPM) with its own classification head: the TPM
 runs along time for every token and averages its outputs over tokens (``tpm.py``). The
@@ -173,10 +175,12 @@ class AMFlowVideoModel(nn.Module):
                 x = block(x)
                 continue
             h = block.norm1(x)
-            attended, q, k = attention_qk(block.attn, h)
+            flow_module = self.flows[key] if key in self.flows else None  # noqa: SIM401 (ModuleDict has no get)
+            colsum_backend = getattr(flow_module, "colsum_backend", None)
+            attended, q, k, colsums = attention_qk(block.attn, h, colsum_backend=colsum_backend)
             adapter_input = h
-            if key in self.flows:
-                flow = self.flows[key](q, k, frames, attn_scale(block.attn))
+            if flow_module is not None:
+                flow = flow_module(q, k, frames, attn_scale(block.attn), colsums=colsums)
                 adapter_input = flow.to(h.dtype) if self.flow_only else torch.cat([h, flow.to(h.dtype)], dim=-1)
                 if return_flows:
                     flows[number] = flow.unflatten(0, (batch, frames))

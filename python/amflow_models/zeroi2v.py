@@ -105,7 +105,7 @@ class ZeroI2V(nn.Module):
             pre_qkv, post_proj, pre_fc1, post_fc2 = (
                 adapters[n] if adapters else identity for n in ("qkv", "proj", "fc1", "fc2")
             )
-            attended, _, _ = attention_qk(block.attn, pre_qkv(block.norm1(x)), shift_kv=shift)
+            attended, *_ = attention_qk(block.attn, pre_qkv(block.norm1(x)), shift_kv=shift)
             x = x + block.drop_path1(block.ls1(post_proj(attended)))
             x = x + block.drop_path2(block.ls2(post_fc2(block.mlp(pre_fc1(block.norm2(x))))))
         features = self.backbone.forward_head(self.backbone.norm(x), pre_logits=True)
