@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -194,17 +193,20 @@ def compile_cases(cases: list[dict], workers: int = 2) -> dict[str, dict]:
 
 
 def compile_cases_once(cases: list[dict], shared_dir: Path) -> dict[str, dict]:
-    """:func:`compile_cases`, once per test session: pytest-xdist workers each run a module's
-    fixtures, and each would otherwise compile every case again. The first to ask compiles
-    (on both compiler processes) under a lock in ``shared_dir``, a directory of this session
-    that all its workers share (conftest's ``session_dir``); the others read its results."""
-    key = hashlib.sha256(json.dumps(cases, sort_keys=True).encode()).hexdigest()[:16]
-    results = shared_dir / f"triton-aot-{key}.json"
-    with open(shared_dir / f"triton-aot-{key}.lock", "w") as lock:
+    """:func:`compile_cases`, each case once per test session: pytest-xdist workers each run a
+    module's fixtures, and the register and shared-memory modules share many cases. Results are
+    kept by case id in ``shared_dir``, a directory of this session that all its workers share
+    (conftest's ``session_dir``); under its lock, whoever asks compiles the cases not there yet
+    (on both compiler processes) and adds them."""
+    results = shared_dir / "triton-aot.json"
+    with open(shared_dir / "triton-aot.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not results.exists():
-            results.write_text(json.dumps(compile_cases(cases)))
-        return json.loads(results.read_text())
+        known = json.loads(results.read_text()) if results.exists() else {}
+        missing = [case for case in cases if case_id(case) not in known]
+        if missing:
+            known.update(compile_cases(missing))
+            results.write_text(json.dumps(known))
+        return {case_id(case): known[case_id(case)] for case in cases}
 
 
 if __name__ == "__main__":

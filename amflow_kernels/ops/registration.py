@@ -15,10 +15,10 @@ under one schema) and "_triton" for the Triton kernels, defined below. ``softmax
 AM flow when ``paired`` (frame t against t + offset, q and k (B, T, H, N, D)), the attention
 colsum otherwise; ``stats``, ``kv`` and ``z`` are what the backward needs: the fp32 row
 statistics (B, P, H, N, 2) of the GPU kernels, none (an empty tensor) from the CPU kernels.
-``attention`` takes q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) and an optional fp32 key
-bias (B·H, Nk), and is differentiable through both ``out`` and ``colsum``; its ``dbias`` is empty
-without a bias. :func:`register`
-gives each (family, backend) its fake kernels and autograd; the Triton kernel modules, and
+``attention`` takes q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) and an optional key bias
+(B·H, Nk) in fp32 (fp64 for fp64 inputs), and is differentiable through both ``out`` and
+``colsum``; its ``dbias`` is empty without a bias. :func:`register` gives each (family,
+backend) its fake kernels and autograd; the Triton kernel modules, and
 triton itself, are imported when a Triton op first runs, so the package imports without it.
 """
 
