@@ -75,6 +75,11 @@ def _last(out: Path) -> dict:
     return torch.load(out / "last.pt", map_location="cpu", weights_only=False)
 
 
+def _epoch_saved(out: Path) -> int:
+    """The epoch last.pt holds, 0 before there is one (it is replaced atomically: never half-written)."""
+    return _last(out)["epoch"] if (out / "last.pt").is_file() else 0
+
+
 def _assert_same_run(out: Path, reference: Path) -> None:
     ours, theirs = _last(out), _last(reference)
     assert ours["epoch"] == theirs["epoch"] == EPOCHS
@@ -128,8 +133,9 @@ def test_sigkill_after_the_first_epoch_then_resume_is_bitwise_the_same_run(runs,
     args = ["train", *_data(runs.data), *TINY, "--batch-size", "3", "--epochs", str(EPOCHS), "--out", str(out)]
     run = subprocess.Popen(_torchrun(*args), cwd=runs.root, env=_environment(), start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out / "metrics.jsonl"
-    while run.poll() is None and not (log.is_file() and log.read_text().count("\n") >= 1):
+    # until last.pt holds a finished epoch: the metrics line comes before it (and best.pt, each
+    # fsynced), so a kill on seeing that line can still find last.pt at epoch 0 on a loaded machine
+    while run.poll() is None and _epoch_saved(out) < 1:
         time.sleep(0.02)
     os.killpg(run.pid, signal.SIGKILL)  # torchrun and its workers at once, as a lost node
     run.wait()
