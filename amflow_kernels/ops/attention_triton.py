@@ -278,13 +278,14 @@ def attention_bwd_dq_kernel(
 def launch_tiles(d: int, dv: int, dtype: torch.dtype) -> dict:
     """The one tile shape and warp count every kernel of a call runs at head dims (d, dv), so that
     they all form the same score tiles: the largest measured to spill in no kernel on sm_80 or
-    sm_90 (tests/test_triton_registers.py). Past head-dim tiles of 64 the q, dO and accumulator
-    tiles grow with D; fp32's products run on FMAs, whose operands Triton keeps whole per thread,
-    so fp32 tiles are smaller."""
+    sm_90 under Triton 3.6 and 3.8 (tests/test_triton_registers.py; 3.6 spilled fp32's 64 × 32
+    on 8 warps, which 3.8 did not). Past head-dim tiles of 64 the q, dO and accumulator tiles
+    grow with D; fp32's products run on FMAs, whose operands Triton keeps whole per thread, so
+    fp32 tiles are smaller."""
     block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
     wide = max(block_d, block_dv) > 64
     if dtype == torch.float32:
-        block_m, block_n, num_warps = (16, 16, 4) if wide else (64, 32, 8)
+        block_m, block_n, num_warps = (16, 16, 4) if wide else (32, 32, 4)
     else:
         block_m, block_n, num_warps = (64, 32, 8) if wide else (64, 32, 4)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=num_warps)
