@@ -19,18 +19,29 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_pair(op: str, q, k) -> None:
-    for name, x in (("q", q), ("k", k)):
+def _check_float_dtype(op: str, name: str, x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name}.dtype must be one of float16, bfloat16, float32, float64, got {x.dtype}"
+        )
+
+
+def _check_tensors(op: str, q, **others) -> None:
+    """q and ``others`` (name → value) are tensors, q of a float dtype, the others of q's dtype
+    and device."""
+    for name, x in (("q", q), *others.items()):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{op}: q.dtype must be one of float16, bfloat16, float32, float64, got {q.dtype}"
-        )
-    if k.dtype != q.dtype:
-        raise TypeError(f"{op}: k.dtype must equal q.dtype ({q.dtype}), got {k.dtype}")
-    if k.device != q.device:
-        raise ValueError(f"{op}: k.device must equal q.device ({q.device}), got {k.device}")
+    _check_float_dtype(op, "q", q)
+    for name, x in others.items():
+        if x.dtype != q.dtype:
+            raise TypeError(f"{op}: {name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{op}: {name}.device must equal q.device ({q.device}), got {x.device}")
+
+
+def _check_pair(op: str, q, k) -> None:
+    _check_tensors(op, q, k=k)
     if k.shape != q.shape:
         raise ValueError(
             f"{op}: k.shape must equal q.shape {tuple(q.shape)}, got {tuple(k.shape)}"
@@ -112,18 +123,7 @@ def check_attention_colsum(q, k, scale) -> float:
 def _check_qkv(op: str, q, k, v) -> None:
     """q (..., Nq, D), k (..., Nk, D), v (..., Nk, Dv): tensors of one float dtype and device,
     the same leading dims, at least one token and one channel."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{op}: q.dtype must be one of float16, bfloat16, float32, float64, got {q.dtype}"
-        )
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{op}: {name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{op}: {name}.device must equal q.device ({q.device}), got {x.device}")
+    _check_tensors(op, q, k=k, v=v)
     if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
         raise ValueError(
             f"{op}: q, k, v must have shapes (..., Nq, D), (..., Nk, D), (..., Nk, Dv) with the "
@@ -163,10 +163,7 @@ def check_attention(q, k, v, scale, key_bias, colsum_rows) -> tuple[float, int]:
     if key_bias is not None:
         if not isinstance(key_bias, torch.Tensor):
             raise TypeError(f"{op}: key_bias must be a torch.Tensor or None, got {type(key_bias).__name__}")
-        if key_bias.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{op}: key_bias.dtype must be one of float16, bfloat16, float32, float64, got {key_bias.dtype}"
-            )
+        _check_float_dtype(op, "key_bias", key_bias)
         if key_bias.device != q.device:
             raise ValueError(f"{op}: key_bias.device must equal q.device ({q.device}), got {key_bias.device}")
         lead = tuple(q.shape[:-2])

@@ -64,6 +64,10 @@ def _linear_attention_poison(q, k, v):
     v[0, 1, 5, 0] = float("inf")
 
 
+def _qkv_blank(tokens, head_dim):
+    return {name: torch.zeros(1, 2, tokens, head_dim) for name in ("q", "k", "v")}
+
+
 def _attention_inputs(device, batch, tokens):
     q, k, v = make_qkv("projection", (batch, 3), tokens, tokens, 16, 24, torch.float32, device)
     bias = torch.randn(batch, 3, tokens, device=device)
@@ -109,7 +113,7 @@ OP_SPECS = [
     OpSpec(
         name="attention",
         function=amflow_kernels.attention,
-        blank=lambda n, d: dict(q=torch.zeros(1, 2, n, d), k=torch.zeros(1, 2, n, d), v=torch.zeros(1, 2, n, d)),
+        blank=_qkv_blank,
         make=_attention_inputs,
         call=lambda inputs, backend: _attention_outputs(
             *amflow_kernels.attention(*inputs[:3], key_bias=inputs[3], colsum_rows=5, backend=backend)
@@ -126,7 +130,7 @@ OP_SPECS = [
     OpSpec(
         name="linear_attention",
         function=amflow_kernels.linear_attention,
-        blank=lambda n, d: dict(q=torch.zeros(1, 2, n, d), k=torch.zeros(1, 2, n, d), v=torch.zeros(1, 2, n, d)),
+        blank=_qkv_blank,
         make=_linear_attention_inputs,
         call=lambda inputs, backend: amflow_kernels.linear_attention(*inputs, backend=backend),
         reference=lambda inputs: reference.linear_attention(*inputs),

@@ -38,11 +38,9 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AUTOTUNED = ("colsum_fwd_resident_kernel", "colsum_fwd_stats_kernel", "colsum_bwd_rowdot_kernel")
 
 
-def _fwd_bwd(out):
-    out.backward(torch.ones_like(out))
-
-
-def _fwd_bwd_all(outputs):
+def _fwd_bwd(outputs):
+    """Backward through one output, or through each of several."""
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     torch.autograd.backward(outputs, [torch.ones_like(x) for x in outputs])
 
 
@@ -70,7 +68,7 @@ def _smoke_grid(monkeypatch):
                 lead, nq, nk, d, dv, rows, bias, layout = param.values[0]
                 q, k, v = make_qkv(layout, lead, nq, nk, d, dv, dtype, "cpu")
                 key_bias = torch.zeros(*lead, nk, requires_grad=True) if bias is not None else None
-                _fwd_bwd_all(amflow_kernels.attention(q, k, v, key_bias=key_bias, colsum_rows=rows, backend="triton"))
+                _fwd_bwd(amflow_kernels.attention(q, k, v, key_bias=key_bias, colsum_rows=rows, backend="triton"))
 
 
 def _bench(monkeypatch):
@@ -84,7 +82,7 @@ def _bench(monkeypatch):
         _fwd_bwd(amflow_kernels.am_flow(q, k, num_frames=T, backend="triton"))
         _fwd_bwd(amflow_kernels.attention_colsum(q, k, backend="triton"))
         _fwd_bwd(amflow_kernels.linear_attention(q, k, v, backend="triton"))
-        _fwd_bwd_all(amflow_kernels.attention(q, k, v, backend="triton"))
+        _fwd_bwd(amflow_kernels.attention(q, k, v, backend="triton"))
 
 
 def _fresh_autotuners(monkeypatch, compile_every_candidate: bool):
